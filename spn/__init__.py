@@ -1,0 +1,1 @@
+"""spn: Soft Proposal Networks (Zhu et al., ICCV 2017) for PyTorch."""
