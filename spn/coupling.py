@@ -1,0 +1,18 @@
+"""Soft Proposal Coupling and SPN's pooling, batched in torch (mirrors reference/coupling.py)."""
+
+from __future__ import annotations
+
+import torch
+
+
+def couple(features: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
+    """V_k = U_k * M for every channel: (B, K, H, W) x (B, H, W) -> (B, K, H, W)."""
+    return features * proposal.unsqueeze(1)
+
+
+def sum_pool(coupled: torch.Tensor) -> torch.Tensor:
+    """SPN's spatial pooling, the sum over locations: (B, K, H, W) -> (B, K).
+
+    M sums to 1, so on coupled features this is the M-weighted average of each channel.
+    """
+    return coupled.sum(dim=(-2, -1))
