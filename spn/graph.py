@@ -65,7 +65,8 @@ def _distances_vjp_block(vectors, coefficients, rows: slice) -> torch.Tensor:
 
 def _centred(features: torch.Tensor) -> torch.Tensor:
     """(B, K, H, W) -> float64 (B, K, n), each channel of each image centred."""
-    vectors = features.reshape(features.shape[0], features.shape[1], -1).to(torch.float64)
+    batch, channels, height, width = features.shape
+    vectors = features.reshape(batch, channels, height * width).to(torch.float64)
     return vectors - vectors.mean(dim=-1, keepdim=True)
 
 
