@@ -1,0 +1,151 @@
+"""Class response maps: choosing the classes, the batched weighted sum, upsampling.
+
+A WSOL head exposes per-channel activation maps A (B, K, h, w) and a classifier weight
+W (N, K); the response map of class c is R_c = sum_k W[c, k] A_k (CAM: A = U; SPN: A = U * M).
+Everything here works on a whole batch at once, with one einsum and no loop over classes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+ClassSelector = Callable[[torch.Tensor], torch.Tensor]
+ClassSpec = Literal["all", "predicted"] | torch.Tensor | ClassSelector
+"""Which classes to map: ``"all"``, ``"predicted"`` (argmax of the logits), a LongTensor of
+class indices (B,) or (B, k), or a callable logits (B, N) -> LongTensor, e.g. `top_k(5)`."""
+
+
+def top_k(k: int) -> ClassSelector:
+    """A class selector for the k highest-scoring classes of each image, best first.
+
+    Args:
+        k: how many classes, 1 <= k <= N.
+
+    Returns:
+        A callable logits (B, N) -> LongTensor (B, k), equal to ``logits.topk(k, dim=1).indices``.
+
+    Example:
+        >>> logits = torch.tensor([[0.1, 2.0, 1.0], [3.0, 0.0, 1.0]])
+        >>> top_k(2)(logits)
+        tensor([[1, 2],
+                [0, 2]])
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"top_k needs an int k >= 1, got {k!r}")
+
+    def select(logits: torch.Tensor) -> torch.Tensor:
+        if k > logits.shape[1]:
+            raise ValueError(f"top_k({k}) asked for more classes than the {logits.shape[1]} there are")
+        return logits.topk(k, dim=1).indices
+
+    select.__name__ = f"top_k({k})"
+    return select
+
+
+def resolve_classes(logits: torch.Tensor, classes: ClassSpec) -> torch.Tensor | None:
+    """Turn a class specification into class indices for each image.
+
+    Args:
+        logits: (B, N) scores of the batch.
+        classes: ``"all"``, ``"predicted"``, a LongTensor (B,) or (B, k), or a callable
+            logits -> LongTensor (B,) or (B, k), such as `top_k`.
+
+    Returns:
+        None for ``"all"``; otherwise an int64 tensor on the logits' device, (B,) for
+        ``"predicted"`` and 1-D indices, (B, k) for 2-D indices.
+
+    Raises:
+        TypeError: a plain int, a float or bool tensor, or an unknown kind of specification.
+        ValueError: an unknown string, a wrong shape, or an index outside [0, N).
+
+    Example:
+        >>> logits = torch.tensor([[0.1, 2.0, 1.0], [3.0, 0.0, 1.0]])
+        >>> resolve_classes(logits, "predicted")
+        tensor([1, 0])
+    """
+    batch, num_classes = logits.shape
+    if isinstance(classes, str):
+        if classes == "all":
+            return None
+        if classes == "predicted":
+            return logits.detach().argmax(dim=1)
+        raise ValueError(f"classes must be 'all', 'predicted', a LongTensor or a callable, got {classes!r}")
+    if callable(classes) and not isinstance(classes, torch.Tensor):
+        with torch.no_grad():
+            chosen = classes(logits.detach())
+        source = f"the class selector {getattr(classes, '__name__', classes)!r}"
+    elif isinstance(classes, torch.Tensor):
+        chosen, source = classes, "classes"
+    else:
+        hint = " (for one class c in every image pass torch.full((B,), c))" if isinstance(classes, int) else ""
+        raise TypeError(
+            f"classes must be 'all', 'predicted', a LongTensor (B,) or (B, k), or a callable; "
+            f"got {type(classes).__name__}{hint}"
+        )
+    if not isinstance(chosen, torch.Tensor) or chosen.dtype.is_floating_point or chosen.dtype.is_complex or chosen.dtype == torch.bool:
+        kind = chosen.dtype if isinstance(chosen, torch.Tensor) else type(chosen).__name__
+        raise TypeError(f"{source} must hold integer class indices, got {kind}")
+    if chosen.dim() not in (1, 2) or chosen.shape[0] != batch:
+        raise ValueError(f"{source} must have shape ({batch},) or ({batch}, k), got {tuple(chosen.shape)}")
+    chosen = chosen.to(device=logits.device, dtype=torch.long)
+    if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= num_classes):
+        raise ValueError(f"{source} must lie in [0, {num_classes}), got values in [{int(chosen.min())}, {int(chosen.max())}]")
+    return chosen
+
+
+def class_response_maps(activations: torch.Tensor, weight: torch.Tensor, classes: torch.Tensor | None) -> torch.Tensor:
+    r"""R_c = sum_k weight[c, k] * activations_k for the chosen classes of each image, batched.
+
+    Args:
+        activations: per-channel maps A, (B, K, h, w).
+        weight: classifier weight W, (N, K) (an ``nn.Linear``'s ``weight``); no bias.
+        classes: None for all classes, or int64 indices (B,) or (B, k) from `resolve_classes`.
+
+    Returns:
+        Maps in the activations' dtype: (B, N, h, w) for None, (B, h, w) for (B,) indices,
+        (B, k, h, w) for (B, k) indices. Differentiable in both inputs.
+
+    Shape:
+        - activations: (B, K, h, w)
+        - weight: (N, K)
+        - output: (B, N | k, h, w) or (B, h, w)
+
+    Example:
+        >>> a, w = torch.rand(2, 4, 3, 3), torch.rand(5, 4)
+        >>> class_response_maps(a, w, None).shape
+        torch.Size([2, 5, 3, 3])
+        >>> class_response_maps(a, w, torch.tensor([0, 4])).shape
+        torch.Size([2, 3, 3])
+    """
+    weight = weight.to(activations.dtype)
+    if classes is None:
+        return torch.einsum("nk,bkhw->bnhw", weight, activations)
+    chosen = weight[classes if classes.dim() == 2 else classes[:, None]]  # (B, k, K)
+    maps = torch.einsum("bck,bkhw->bchw", chosen, activations)
+    return maps[:, 0] if classes.dim() == 1 else maps
+
+
+def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize (align_corners=False) of (B, h, w) or (B, C, h, w) maps to ``size``.
+
+    Args:
+        maps: (B, h, w) or (B, C, h, w) floating maps.
+        size: (H, W), e.g. the image size.
+
+    Returns:
+        (B, H, W) or (B, C, H, W), same dtype.
+
+    Example:
+        >>> upsample_maps(torch.rand(2, 4, 4), (16, 16)).shape
+        torch.Size([2, 16, 16])
+    """
+    size = (int(size[0]), int(size[1]))
+    if maps.dim() == 3:
+        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
+    if maps.dim() == 4:
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    raise ValueError(f"maps must be (B, h, w) or (B, C, h, w), got shape {tuple(maps.shape)}")

@@ -1,0 +1,205 @@
+"""`Network` (backbone + WSOL head) and the ready-made SPN and CAM networks."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .backbones import SmallBackbone, VGG16Backbone, load_vgg16_features
+from .heads import CAMHead, HeadOutput, SPNHead, WSOLHead
+from .maps import ClassSpec
+
+
+class Network(nn.Module):
+    """A backbone followed by a WSOL head: logits, and class response maps at image size.
+
+    Args:
+        backbone: images (B, 3, H, W) -> features (B, C, h, w).
+        head: a `WSOLHead` taking those features.
+
+    Shape:
+        - Input: (B, 3, H, W)
+        - Output: (B, N)
+
+    Example:
+        >>> net = small_sp(num_classes=4).eval()
+        >>> images = torch.rand(2, 3, 64, 64)
+        >>> net(images).shape
+        torch.Size([2, 4])
+        >>> logits, maps, proposal = net.forward_with_maps(images, classes=torch.tensor([0, 3]))
+        >>> maps.shape, proposal.shape
+        (torch.Size([2, 64, 64]), torch.Size([2, 16, 16]))
+    """
+
+    def __init__(self, backbone: nn.Module, head: WSOLHead) -> None:
+        super().__init__()
+        if not isinstance(head, WSOLHead):
+            raise TypeError(f"head must be a WSOLHead, got {type(head).__name__}")
+        self.backbone = backbone
+        self.head = head
+
+    @property
+    def num_classes(self) -> int:
+        return self.head.num_classes
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+    def forward_with_maps(
+        self, images: torch.Tensor, classes: ClassSpec = "predicted", upsample: bool = True
+    ) -> HeadOutput:
+        """Logits, class response maps and proposal from one forward pass.
+
+        Args:
+            images: (B, 3, H, W).
+            classes: which classes to map; see `WSOLHead.forward_with_maps` (``"predicted"``,
+                ``"all"``, a LongTensor (B,) or (B, k), or ``spn.models.top_k(k)``).
+            upsample: resize the maps to (H, W) (bilinear, align_corners=False); False keeps
+                the feature resolution (h, w).
+
+        Returns:
+            `HeadOutput` (logits (B, N), maps, proposal (B, h, w) or None).
+        """
+        size = tuple(images.shape[-2:]) if upsample else None
+        return self.head.forward_with_maps(self.backbone(images), classes=classes, size=size)
+
+
+def _vgg16_backbone(backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> VGG16Backbone:
+    backbone = VGG16Backbone()
+    if backbone_state_dict is not None:
+        load_vgg16_features(backbone, backbone_state_dict)
+    return backbone
+
+
+def vgg16_sp(
+    num_classes: int,
+    num_maps: int = 1024,
+    *,
+    groups: int = 2,
+    dropout: float = 0.5,
+    backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+    proposal_options: Mapping[str, Any] | None = None,
+    **soft_proposal_kwargs: Any,
+) -> Network:
+    """SP-VGG16 (Zhu et al., 2017): VGG16 conv1_1..conv5_3 (no pool5, stride 16), then an
+    `SPNHead` with a 3x3 conv to 1024 maps in 2 groups, SoftProposal, sum pooling,
+    dropout 0.5 and a linear classifier.
+
+    Args:
+        num_classes: N.
+        num_maps: channels of the head's conv.
+        groups: groups of the head's conv.
+        dropout: dropout before the classifier.
+        backbone_state_dict: torchvision ``vgg16`` weights (a state dict or a path to one)
+            for the backbone; see `load_vgg16_features`. None keeps the random init.
+        proposal_options, **soft_proposal_kwargs: SoftProposal options (see `SPNHead`).
+
+    Returns:
+        A `Network`; images (B, 3, H, W) -> logits (B, N), maps at (H / 16, W / 16).
+
+    Example:
+        >>> net = vgg16_sp(20).eval()
+        >>> net(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 20])
+    """
+    head = SPNHead(
+        VGG16Backbone.out_channels,
+        num_classes,
+        num_maps,
+        groups=groups,
+        dropout=dropout,
+        proposal_options=proposal_options,
+        **soft_proposal_kwargs,
+    )
+    return Network(_vgg16_backbone(backbone_state_dict), head)
+
+
+def vgg16_cam(
+    num_classes: int,
+    num_maps: int | None = 1024,
+    *,
+    groups: int = 1,
+    dropout: float = 0.0,
+    backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+) -> Network:
+    """VGG16-GAP of CAM (Zhou et al., 2016) on the same backbone as `vgg16_sp`: VGG16
+    conv1_1..conv5_3 (no pool5), a 3x3 conv with 1024 units + ReLU, global average pooling,
+    linear classifier.
+
+    Args:
+        num_classes: N.
+        num_maps: channels of the extra conv; None pools conv5_3 directly.
+        groups: groups of the extra conv.
+        dropout: dropout before the classifier.
+        backbone_state_dict: torchvision ``vgg16`` weights; see `load_vgg16_features`.
+
+    Returns:
+        A `Network` with a `CAMHead`.
+
+    Example:
+        >>> vgg16_cam(10)(torch.rand(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    head = CAMHead(VGG16Backbone.out_channels, num_classes, num_maps, groups=groups, dropout=dropout)
+    return Network(_vgg16_backbone(backbone_state_dict), head)
+
+
+def small_sp(
+    num_classes: int,
+    num_maps: int | None = 128,
+    *,
+    in_channels: int = 3,
+    widths: Sequence[int] = (32, 64, 128, 128),
+    output_stride: int = 4,
+    dropout: float = 0.0,
+    proposal_options: Mapping[str, Any] | None = None,
+    **soft_proposal_kwargs: Any,
+) -> Network:
+    """A small SPN for tests and CPU benchmarks: `SmallBackbone` + `SPNHead`.
+
+    Args:
+        num_classes: N.
+        num_maps: channels of the head's 3x3 conv (None: no conv).
+        in_channels, widths, output_stride: of the `SmallBackbone`.
+        dropout: dropout before the classifier.
+        proposal_options, **soft_proposal_kwargs: SoftProposal options (see `SPNHead`).
+
+    Example:
+        >>> small_sp(3)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+    """
+    backbone = SmallBackbone(in_channels, widths, output_stride)
+    head = SPNHead(
+        backbone.out_channels,
+        num_classes,
+        num_maps,
+        dropout=dropout,
+        proposal_options=proposal_options,
+        **soft_proposal_kwargs,
+    )
+    return Network(backbone, head)
+
+
+def small_cam(
+    num_classes: int,
+    num_maps: int | None = 128,
+    *,
+    in_channels: int = 3,
+    widths: Sequence[int] = (32, 64, 128, 128),
+    output_stride: int = 4,
+    dropout: float = 0.0,
+) -> Network:
+    """The CAM baseline matching `small_sp`: `SmallBackbone` + `CAMHead` with the same
+    3x3 conv, so the two differ only in SoftProposal + sum pooling vs average pooling.
+
+    Example:
+        >>> small_cam(3)(torch.rand(2, 3, 32, 32)).shape
+        torch.Size([2, 3])
+    """
+    backbone = SmallBackbone(in_channels, widths, output_stride)
+    head = CAMHead(backbone.out_channels, num_classes, num_maps, dropout=dropout)
+    return Network(backbone, head)
