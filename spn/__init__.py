@@ -12,6 +12,18 @@ from .presets import PAPER, RELEASED, default_epsilon, released_epsilon
 
 __version__ = "0.1.0"
 
+_SUBMODULES = ("cuda", "localize", "metrics", "models", "viz")
+
+
+def __getattr__(name):
+    # spn.models, spn.metrics, ... load on first use: `import spn` stays light.
+    if name in _SUBMODULES:
+        import importlib
+
+        return importlib.import_module(f"spn.{name}")
+    raise AttributeError(f"module 'spn' has no attribute {name!r}")
+
+
 __all__ = [
     "PAPER",
     "RELEASED",

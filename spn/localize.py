@@ -92,14 +92,14 @@ def check_finite_maps(maps: np.ndarray, name: str = "maps") -> None:
 
 
 def upsample_maps(maps, size: Sequence[int]):
-    """Resize maps ``(B, h, w) -> (B, H, W)`` by bilinear interpolation.
+    """Resize maps ``(B, h, w) -> (B, H, W)`` (or ``(B, C, h, w) -> (B, C, H, W)``) bilinearly.
 
     ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``: the map is
     treated as ``h x w`` cells covering the image, so cell centres land on
     ``(j + 0.5) * W / w - 0.5`` in image pixel coordinates (see :func:`cell_centres`).
 
     Args:
-        maps: ``torch.Tensor`` or NumPy array of shape ``(B, h, w)``.
+        maps: ``torch.Tensor`` or NumPy array of shape ``(B, h, w)`` or ``(B, C, h, w)``.
         size: ``(H, W)``, the output (image) size.
 
     Returns:
@@ -117,14 +117,16 @@ def upsample_maps(maps, size: Sequence[int]):
     height, width = check_size(size)
     is_tensor = isinstance(maps, torch.Tensor)
     tensor = maps if is_tensor else torch.from_numpy(as_map_batch(maps))
-    if tensor.ndim != 3:
-        raise ValueError(f"maps must have shape (B, h, w), got shape {tuple(tensor.shape)}")
+    if tensor.ndim not in (3, 4):
+        raise ValueError(f"maps must have shape (B, h, w) or (B, C, h, w), got shape {tuple(tensor.shape)}")
     if not tensor.is_floating_point():
         tensor = tensor.float()
-    if tensor.shape[0] == 0:
-        resized = tensor.new_zeros((0, height, width))
+    stacked = tensor if tensor.ndim == 4 else tensor[:, None]
+    if stacked.shape[0] == 0 or stacked.shape[1] == 0:
+        resized = stacked.new_zeros((*stacked.shape[:2], height, width))
     else:
-        resized = F.interpolate(tensor[:, None], size=(height, width), mode="bilinear", align_corners=False)[:, 0]
+        resized = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=False)
+    resized = resized if tensor.ndim == 4 else resized[:, 0]
     return resized if is_tensor else resized.numpy()
 
 

@@ -11,7 +11,8 @@ from collections.abc import Callable
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
+
+from spn.localize import upsample_maps  # noqa: F401  (re-exported by spn.models)
 
 ClassSelector = Callable[[torch.Tensor], torch.Tensor]
 ClassSpec = Literal["all", "predicted"] | torch.Tensor | ClassSelector
@@ -127,25 +128,3 @@ def class_response_maps(activations: torch.Tensor, weight: torch.Tensor, classes
     chosen = weight[classes if classes.dim() == 2 else classes[:, None]]  # (B, k, K)
     maps = torch.einsum("bck,bkhw->bchw", chosen, activations)
     return maps[:, 0] if classes.dim() == 1 else maps
-
-
-def upsample_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinear resize (align_corners=False) of (B, h, w) or (B, C, h, w) maps to ``size``.
-
-    Args:
-        maps: (B, h, w) or (B, C, h, w) floating maps.
-        size: (H, W), e.g. the image size.
-
-    Returns:
-        (B, H, W) or (B, C, H, W), same dtype.
-
-    Example:
-        >>> upsample_maps(torch.rand(2, 4, 4), (16, 16)).shape
-        torch.Size([2, 16, 16])
-    """
-    size = (int(size[0]), int(size[1]))
-    if maps.dim() == 3:
-        return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-    if maps.dim() == 4:
-        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
-    raise ValueError(f"maps must be (B, h, w) or (B, C, h, w), got shape {tuple(maps.shape)}")
