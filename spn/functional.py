@@ -83,16 +83,14 @@ def soft_proposal(
 
 
 def _select_backend(backend: str, features: torch.Tensor):
-    if backend == "torch":
+    if backend == "torch" or (backend == "auto" and not features.is_cuda):
         return torch_soft_proposal
-    from . import cuda  # imports CuPy only when it is asked for
+    from . import cuda  # imported only for CUDA tensors or backend="cupy": it loads torch._dynamo
 
     if backend == "cupy":
         cuda.require(features)
         return cuda.cupy_soft_proposal
-    if features.is_cuda and cuda.is_available():
-        return cuda.cupy_soft_proposal
-    return torch_soft_proposal
+    return cuda.cupy_soft_proposal if cuda.is_available() else torch_soft_proposal
 
 
 def torch_soft_proposal(features, epsilon: float, iterations, tolerance: float, detach: bool):
