@@ -292,3 +292,18 @@ def test_released_preset_follows_the_released_code():
 def test_paper_preset_is_the_default():
     features = torch.rand(2, 3, 4, 4)
     torch.testing.assert_close(spn.soft_proposal(features, **spn.PAPER)[1], spn.soft_proposal(features)[1])
+
+
+def test_torch_compile_gives_the_eager_result():
+    # A user's compiled training step: graph breaks are fine, errors and wrong values are not.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), spn.SoftProposal(detach=False), spn.SpatialSumPool()
+    )
+    images = torch.rand(2, 3, 6, 6)
+    eager = model(images)
+    (eager_grad,) = torch.autograd.grad(eager.sum(), model[0].weight)
+    compiled = torch.compile(model)(images)
+    (compiled_grad,) = torch.autograd.grad(compiled.sum(), model[0].weight)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, eager_grad)
