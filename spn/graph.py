@@ -17,6 +17,7 @@ recomputes the blocks instead of storing them: memory O(B n K + block).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,12 +39,30 @@ def spatial_kernel(height: int, width: int, epsilon: float, rows: slice | None =
     """L~_ab = exp(-(r_ab^2 - 1) / (2 eps^2)), 1 where r_ab^2 <= 1, float64, shape (rows, n).
 
     The paper's kernel divided by its nearest-neighbour value; the column normalisation of
-    D removes the factor (see reference/graph.py).
+    D removes the factor (see reference/graph.py). Kernels of up to CACHED_KERNEL_ELEMENTS
+    entries are made once per (H, W, eps, device) and kept (a training loop asks for the
+    same one at every step); larger ones are made block by block, as asked.
     """
+    n = height * width
+    rows = rows or slice(0, n)
+    if n * n <= CACHED_KERNEL_ELEMENTS:
+        return _cached_kernel(height, width, float(epsilon), torch.device(device or "cpu"))[rows]
+    return _kernel_rows(height, width, epsilon, rows, device)
+
+
+# Up to 2^20 float64 entries (8 MiB) per cached kernel: maps of up to 32 x 32.
+CACHED_KERNEL_ELEMENTS = 1 << 20
+
+
+@functools.lru_cache(maxsize=16)
+def _cached_kernel(height: int, width: int, epsilon: float, device: torch.device) -> torch.Tensor:
+    return _kernel_rows(height, width, epsilon, slice(0, height * width), device)
+
+
+def _kernel_rows(height: int, width: int, epsilon: float, rows: slice, device) -> torch.Tensor:
     n = height * width
     index = torch.arange(n, device=device)
     y, x = index // width, index % width
-    rows = rows or slice(0, n)
     r2 = ((y[rows, None] - y[None, :]) ** 2 + (x[rows, None] - x[None, :]) ** 2).to(torch.float64)
     kernel = torch.exp(-(r2 - 1.0) * _inverse_width(epsilon))
     return torch.where(r2 <= 1, torch.ones_like(kernel), kernel)

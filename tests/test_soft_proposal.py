@@ -307,3 +307,15 @@ def test_torch_compile_gives_the_eager_result():
     (compiled_grad,) = torch.autograd.grad(compiled.sum(), model[0].weight)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
+
+
+@pytest.mark.parametrize("height, width, epsilon", [(1, 1, 0.15), (3, 7, 1.0), (40, 40, 6.0), (5, 5, 1e-200)])
+def test_spatial_kernel_equals_reference_cached_or_not(height, width, epsilon):
+    # 40 x 40 has 2.56M pairs: above CACHED_KERNEL_ELEMENTS, so it is made block by block.
+    # NumPy's and torch's exp may differ in the last bit; the two torch paths may not.
+    expected = R.spatial_kernel(height, width, epsilon)
+    rows = slice(1, min(height * width, 37))
+    whole = graph.spatial_kernel(height, width, epsilon)
+    np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-14, atol=0)
+    assert torch.equal(graph.spatial_kernel(height, width, epsilon, rows), whole[rows])
+    assert torch.equal(whole, graph._kernel_rows(height, width, epsilon, slice(0, height * width), None))
