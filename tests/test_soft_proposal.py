@@ -5,7 +5,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 import reference as R
@@ -22,10 +22,29 @@ def reference_proposals(features, **options):
     return np.stack([R.proposal_map(u, **options) for u in features.double().numpy()])
 
 
+# The degenerate cases that every property test must see, whatever hypothesis draws.
+DEGENERATE = [
+    np.full((3, 2, 4), 0.7),  # all-equal features
+    np.array([[[1.0, 0.0, 1.0]]]),  # two-valued: a periodic walk
+    np.array([[[1.0, 0.0], [0.0, 1.0]]]),  # two-valued checkerboard, n = 4
+    np.array([[[2.0]], [[-1.0]]]),  # n = 1
+    np.array([[[0.5, -0.5]]]),  # n = 2, K = 1
+]
+
+
+def with_degenerate_examples(test):
+    for features in DEGENERATE:
+        for epsilon in (None, 1e-200):  # 1e-200: the kernel underflows beyond the nearest neighbours
+            test = example([features], epsilon, None)(test)
+            test = example([features], epsilon, 3)(test)
+    return test
+
+
 # ---------------------------------------------------------------- forward, float64
 
 
 @given(st.lists(feature_maps(), min_size=1, max_size=1), epsilons(), st.one_of(st.none(), st.integers(0, 6)))
+@with_degenerate_examples
 def test_float64_equals_reference(maps, epsilon, iterations):
     features = batch_of(maps)
     coupled, proposal = spn.soft_proposal(features, epsilon=epsilon, iterations=iterations, backend="torch")
@@ -91,6 +110,11 @@ def test_float32_error_is_at_most_twice_plain_float32(maps, iterations):
     st.booleans(),
     st.integers(0, 2**32 - 1),
 )
+@example([DEGENERATE[0]], None, False, 0)
+@example([DEGENERATE[1]], None, False, 0)
+@example([DEGENERATE[1]], 3, False, 0)
+@example([DEGENERATE[3]], None, False, 0)
+@example([DEGENERATE[4]], 2, False, 0)
 def test_gradients_equal_reference_vjp(maps, iterations, detach, seed):
     features = batch_of(maps).requires_grad_()
     grad_coupled = torch.from_numpy(np.random.default_rng(seed).standard_normal(features.shape))
