@@ -29,9 +29,7 @@ pytestmark = [
     pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the CUDA emulator uses glibc's ucontext"),
 ]
 
-from reference import backward as ref_backward  # noqa: E402
-from reference import graph as ref_graph  # noqa: E402
-from reference import walk as ref_walk  # noqa: E402
+from batched_reference import reference_grad, reference_map  # noqa: E402
 
 TIGHT = 1e-12
 LAUNCHER = emulate.EmulatedLauncher
@@ -39,29 +37,6 @@ LAUNCHER = emulate.EmulatedLauncher
 
 def run(u, eps, iterations=None, tolerance=0.0, detach=True):
     return function.soft_proposal(u, eps, iterations, tolerance, detach, LAUNCHER)
-
-
-def reference_map(u, eps, iterations=None, tolerance=0.0):
-    """(B, n) M of the NumPy reference and the converged flags of its walk."""
-    maps, flags = [], []
-    for image in u.detach().double().numpy():
-        if iterations is None:
-            maps.append(ref_walk.stationary_state(image, eps))
-            flags.append(False)
-        else:
-            walk = ref_walk.power_iteration(ref_graph.transfer_matrix(image, eps), iterations, tolerance)
-            maps.append(walk.proposal)
-            flags.append(walk.converged)
-    return np.stack(maps), np.array(flags)
-
-
-def reference_grad(u, g, eps, iterations, tolerance, detach):
-    return np.stack(
-        [
-            ref_backward.soft_proposal_vjp(image, grad, eps, iterations, tolerance, detach)
-            for image, grad in zip(u.detach().double().numpy(), g.double().numpy())
-        ]
-    )
 
 
 def grad_of(fn, u, g):

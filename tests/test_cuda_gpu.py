@@ -18,9 +18,7 @@ import spn
 from spn import cuda
 from spn.functional import torch_soft_proposal
 
-from reference import backward as ref_backward  # noqa: E402
-from reference import graph as ref_graph  # noqa: E402
-from reference import walk as ref_walk  # noqa: E402
+from batched_reference import reference_grad, reference_map  # noqa: E402
 
 requires_gpu = pytest.mark.skipif(not cuda.is_available(), reason="needs CuPy and a CUDA device")
 
@@ -40,28 +38,6 @@ def cupy_run(u, eps, iterations=None, tolerance=0.0, detach=True):
 
 def torch_run(u, eps, iterations=None, tolerance=0.0, detach=True):
     return torch_soft_proposal(u, eps, iterations, tolerance, detach)
-
-
-def reference_map(u, eps, iterations=None, tolerance=0.0):
-    maps, flags = [], []
-    for image in u.detach().double().cpu().numpy():
-        if iterations is None:
-            maps.append(ref_walk.stationary_state(image, eps))
-            flags.append(False)
-        else:
-            walk = ref_walk.power_iteration(ref_graph.transfer_matrix(image, eps), iterations, tolerance)
-            maps.append(walk.proposal)
-            flags.append(walk.converged)
-    return np.stack(maps), np.array(flags)
-
-
-def reference_grad(u, g, eps, iterations, tolerance, detach):
-    return np.stack(
-        [
-            ref_backward.soft_proposal_vjp(image, grad, eps, iterations, tolerance, detach)
-            for image, grad in zip(u.detach().double().cpu().numpy(), g.double().cpu().numpy())
-        ]
-    )
 
 
 def grad_of(fn, u, g):
