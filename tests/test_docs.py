@@ -1,4 +1,7 @@
-"""Every ```python block of README.md and docs/*.md runs, page by page in one namespace."""
+"""Every ```python block of README.md and docs/*.md runs, page by page in one namespace.
+
+Blocks fenced with another info string (```text, ```bash) are shown, not run.
+"""
 
 import re
 from pathlib import Path
