@@ -15,8 +15,13 @@ Conventions used throughout ``spn``:
 
 The SPN paper (Zhu et al., ICCV 2017, section 4) localises with the peak of the class
 response map, and boxes the foreground ``map >= ratio * mean(map)`` with ratio 1. The
-released code (``spnlib/spn/utils.py``) keeps ``>=``, labels connected components with
-``scipy.ndimage.label`` and scores a component box with the mean of the map inside it.
+released code (``localize_from_map`` in ``spnlib/spn/utils.py``) keeps ``>=``; in its
+multi-object mode it labels connected components with ``scipy.ndimage.label`` and its
+default structure, i.e. **4-connectivity** (``boxes_from_maps(..., connectivity=4)``), and
+scores a component's box with the mean of the map over the component's pixels; in its
+single-box mode it scores the box with the mean of the **whole map**. It takes its maps
+from ``F.upsample(..., mode="bilinear")`` of PyTorch <= 0.3, which aligned corners
+(``upsample_maps(..., align_corners=True)``).
 """
 
 from __future__ import annotations
@@ -39,15 +44,18 @@ FOUR_CONNECTED = ndimage.generate_binary_structure(2, 1)
 """Structuring element of 4-connectivity (edge neighbours only) for ``ndimage.label``."""
 
 
-def as_map_batch(maps, name: str = "maps") -> np.ndarray:
+def as_map_batch(maps, name: str = "maps", keep_float32: bool = False) -> np.ndarray:
     """Return a batch of maps as a float64 ``(B, H, W)`` NumPy array; raise on anything else.
 
     Args:
         maps: ``torch.Tensor`` or array-like of real numbers.
         name: what to call the argument in error messages.
+        keep_float32: keep float32 maps in float32 (every other type still becomes
+            float64); for computations that must run in the input's precision, as
+            wsolevaluation's normalisation does.
 
     Returns:
-        A new float64 array (never a view of a tensor's memory).
+        A new float64 (or, with ``keep_float32``, float32) array, never a view of the input.
 
     Raises:
         ValueError: wrong number of dimensions, an empty spatial size, NaN or infinity.
@@ -62,7 +70,8 @@ def as_map_batch(maps, name: str = "maps") -> np.ndarray:
         (2, 3, 4)
     """
     if isinstance(maps, torch.Tensor):
-        maps = maps.detach().to("cpu", torch.float64).numpy()
+        target = torch.float32 if keep_float32 and maps.dtype == torch.float32 else torch.float64
+        maps = maps.detach().to("cpu", target).numpy()
     array = np.asarray(maps)
     if array.ndim != 3:
         raise ValueError(
@@ -73,7 +82,8 @@ def as_map_batch(maps, name: str = "maps") -> np.ndarray:
         raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
     if array.shape[0] > 0 and (array.shape[1] == 0 or array.shape[2] == 0):
         raise ValueError(f"{name} must have H >= 1 and W >= 1, got shape {array.shape}")
-    array = array.astype(np.float64)  # always a copy
+    dtype = np.float32 if keep_float32 and array.dtype == np.float32 else np.float64
+    array = array.astype(dtype)  # always a copy
     check_finite_maps(array, name)
     return array
 
@@ -91,16 +101,30 @@ def check_finite_maps(maps: np.ndarray, name: str = "maps") -> None:
     )
 
 
-def upsample_maps(maps, size: Sequence[int]):
+def upsample_maps(maps, size: Sequence[int], align_corners: bool = False):
     """Resize maps ``(B, h, w) -> (B, H, W)`` (or ``(B, C, h, w) -> (B, C, H, W)``) bilinearly.
 
-    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=False)``: the map is
-    treated as ``h x w`` cells covering the image, so cell centres land on
-    ``(j + 0.5) * W / w - 0.5`` in image pixel coordinates (see :func:`cell_centres`).
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=align_corners)``. The two
+    conventions place the map's cells differently in the image (column ``j`` of ``w``
+    shown; rows likewise):
+
+    * ``align_corners=False`` (default, current PyTorch and OpenCV): the map is ``h x w``
+      cells tiling the image, so cell ``j`` takes its value exactly at its centre
+      ``(j + 0.5) * W / w - 0.5`` (see :func:`cell_centres`; 15.5, 47.5, ... for 7 cells over
+      224 pixels). Pixels beyond the outermost centres are clamped to the border cell's
+      value, so a peak in a border cell becomes a plateau of half a stride (pixels 0..15 for
+      cell 0) whose first pixel is the image border, not the cell centre.
+    * ``align_corners=True``: cell ``j`` lands on image coordinate ``j * (W - 1) / (w - 1)``, so the
+      corner cells land on the corner pixels (0 and 223 for 7 cells over 224 pixels) and
+      nothing is clamped. This is what ``F.upsample(mode="bilinear")`` did in PyTorch <= 0.3,
+      which the released SPN code used: pass True to reproduce its maps and points.
+
+    With ``w == 1`` (or ``h == 1``) both give a constant row (column).
 
     Args:
         maps: ``torch.Tensor`` or NumPy array of shape ``(B, h, w)`` or ``(B, C, h, w)``.
         size: ``(H, W)``, the output (image) size.
+        align_corners: see above.
 
     Returns:
         Same type as the input (a tensor keeps its device; integer tensors become float32;
@@ -113,6 +137,8 @@ def upsample_maps(maps, size: Sequence[int]):
     Example:
         >>> upsample_maps(torch.tensor([[[1.0, 3.0]]]), (1, 4))
         tensor([[[1.0000, 1.5000, 2.5000, 3.0000]]])
+        >>> upsample_maps(torch.tensor([[[1.0, 3.0]]]), (1, 4), align_corners=True)
+        tensor([[[1.0000, 1.6667, 2.3333, 3.0000]]])
     """
     height, width = check_size(size)
     is_tensor = isinstance(maps, torch.Tensor)
@@ -125,7 +151,7 @@ def upsample_maps(maps, size: Sequence[int]):
     if stacked.shape[0] == 0 or stacked.shape[1] == 0:
         resized = stacked.new_zeros((*stacked.shape[:2], height, width))
     else:
-        resized = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=False)
+        resized = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=bool(align_corners))
     resized = resized if tensor.ndim == 4 else resized[:, 0]
     return resized if is_tensor else resized.numpy()
 
@@ -145,7 +171,9 @@ def cell_centres(indices: np.ndarray, map_length: int, image_length: int) -> np.
     """Image coordinate of the centre of cells ``indices`` of a map spanning the image.
 
     ``(index + 0.5) * image_length / map_length - 0.5``; e.g. a 7-cell map over 224 pixels
-    puts cell 0 at 15.5 (between pixels 15 and 16), consistent with :func:`upsample_maps`.
+    puts cell 0 at 15.5 (between pixels 15 and 16). This is where
+    ``upsample_maps(..., align_corners=False)`` reproduces the cell's value; the argmax of
+    the upsampled map can still sit elsewhere (see :func:`peak_points`).
     """
     return (np.asarray(indices, dtype=np.float64) + 0.5) * (image_length / map_length) - 0.5
 
@@ -155,14 +183,23 @@ def peak_points(maps, image_size: Sequence[int] | None = None) -> np.ndarray:
 
     Ties go to the first maximum in row-major order (smallest row, then smallest column).
 
-    Two ways to get image coordinates:
+    Two ways to get image coordinates from a feature-resolution ``(h, w)`` map; they do
+    **not** agree in general (differences of up to half a stride):
 
-    * ``image_size=None``: the map is taken to be at image resolution already (e.g. after
-      :func:`upsample_maps`); the result is the integer pixel ``(column, row)``.
-    * ``image_size=(H, W)``: the map is at feature resolution ``(h, w)`` and spans the whole
-      image; the result is the centre of the peak cell in image coordinates,
-      ``x = (column + 0.5) * W / w - 0.5`` and ``y = (row + 0.5) * H / h - 0.5``
-      (fractional when the stride is even).
+    * ``peak_points(maps, image_size=(H, W))``: the map spans the whole image and the
+      result is the centre of the peak cell, ``x = (column + 0.5) * W / w - 0.5`` and
+      ``y = (row + 0.5) * H / h - 0.5`` (fractional when the stride is even); 7 cells over
+      224 pixels: cell 0 -> 15.5, cell 6 -> 207.5.
+    * ``peak_points(upsample_maps(maps, (H, W), align_corners=...))`` (``image_size=None``:
+      the map is at image resolution): the integer pixel ``(column, row)`` of the maximum
+      of the upsampled map. With ``align_corners=False`` an interior peak cell gives a
+      pixel next to its centre (with an even stride the centre falls between two pixels;
+      the one toward the larger neighbouring cell wins, the first on a tie: a lone peak in
+      cell 3 of 7 over 224 -> 111, not 111.5) and a border cell gives the first pixel of the
+      clamped plateau (cell 0 -> 0, cell 6 -> 208). With ``align_corners=True`` cell ``j`` gives
+      the pixel nearest ``j * (W - 1) / (w - 1)`` (cell 0 -> 0, cell 6 -> 223). This route
+      with ``align_corners=True`` is the released SPN code's (``localize_from_map`` on a
+      map upsampled by PyTorch <= 0.3's bilinear ``F.upsample``; see ``docs/metrics.md``).
 
     Args:
         maps: ``(B, h, w)`` tensor or array.
@@ -313,15 +350,20 @@ def boxes_from_maps(
     ratio: float = 1.0,
     per_component: bool = False,
     score: ScoreMode = "mean",
+    connectivity: int = 8,
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Boxes around the foreground of each map (see :func:`foreground_masks`).
 
     * ``per_component=False`` (the SPN paper): one box, the tightest box around all
-      foreground pixels; its score is the ``score`` of the map over the foreground.
+      foreground pixels; its score is the ``score`` of the map over the foreground pixels.
+      (The released SPN code's single-box mode scores it with the mean of the *whole* map.)
     * ``per_component=True`` (the released SPN code's multi-object mode): one box per
-      8-connected component (``scipy.ndimage.label``), scored with the ``score`` of the map
-      over that component (``"mean"``, as the released code, by default), sorted by score,
-      highest first (equal scores keep row-major order of the components' first pixels).
+      connected component of the foreground (``scipy.ndimage.label``; ``connectivity``
+      8 by default, 4 as the released code, whose ``label`` call uses scipy's default
+      4-connected structure), scored with the ``score`` of the map over that component's
+      pixels (``"mean"``, as the released code, by default), sorted by score, highest first
+      (equal scores keep row-major order of the components' first pixels). The first box
+      of each map is therefore its best one.
 
     The map is used at its own resolution: pass maps upsampled to the image size
     (:func:`upsample_maps`) to get boxes in image pixels.
@@ -331,7 +373,10 @@ def boxes_from_maps(
         threshold: ``"mean"`` or ``"max"``.
         ratio: foreground is ``map >= ratio * mean`` (or ``* max``).
         per_component: one box per connected component instead of one box in all.
-        score: ``"mean"``, ``"sum"`` or ``"max"`` of the map inside the box's pixels.
+        score: ``"mean"``, ``"sum"`` or ``"max"`` of the map over the pixels the box was
+            made from (the component's, or all foreground pixels), not over the whole box.
+        connectivity: 8 (diagonal neighbours join) or 4 (the released code), used with
+            ``per_component=True``.
 
     Returns:
         ``(boxes, scores)``: two lists of length ``B``; ``boxes[i]`` is an int64
@@ -344,13 +389,15 @@ def boxes_from_maps(
         >>> boxes[0].tolist(), scores[0].tolist()
         ([[5, 3, 5, 3], [0, 0, 1, 1]], [2.0, 1.0])
     """
+    if connectivity not in (4, 8):
+        raise ValueError(f"connectivity must be 4 or 8, got {connectivity!r}")
     array = as_map_batch(maps)
     masks = foreground_masks(array, threshold, ratio)
     all_boxes: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
     for values, mask in zip(array, masks):
         if per_component:
-            labels, count = label_components(mask, connectivity=8)
+            labels, count = label_components(mask, connectivity=connectivity)
             boxes = component_boxes(labels, count)
             scores = region_scores(values, labels, count, score)
             order = np.argsort(-scores, kind="stable")

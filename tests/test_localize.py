@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from spn.localize import boxes_from_maps, foreground_masks, peak_points, upsample_maps
+from spn.metrics import pointing_game
 
 # Rows x columns. Sum 6 + 6 + 3 + 3 = 18 over 20 pixels: mean 0.9, so the foreground
 # (>= 0.9) is (1, 1), (2, 2), (2, 4), (3, 4).
@@ -50,6 +51,41 @@ def test_peak_cell_centre_non_square():
     np.testing.assert_allclose(peak_points(maps, image_size=(10, 40)), [[24.5, 7.0]])
 
 
+def test_peak_of_a_border_cell_differs_between_the_two_routes():
+    # The reviewer's example: a 7 x 7 map over a 224 x 224 image (stride 32), peak in cell (0, 0).
+    maps = np.zeros((1, 7, 7))
+    maps[0, 0, 0] = 1.0
+    # cell centre: (0 + 0.5) * 32 - 0.5 = 15.5 in x and y
+    np.testing.assert_allclose(peak_points(maps, image_size=(224, 224)), [[15.5, 15.5]])
+    # align_corners=False: output pixel p samples input (p + 0.5) / 32 - 0.5, clamped to 0 for
+    # p <= 15, so pixels 0..15 all hold 1.0 in both directions; the first maximum is (0, 0).
+    # align_corners=True: pixel p samples p * 6 / 223, which is 0 only at p = 0: again (0, 0).
+    for align_corners in (False, True):
+        upsampled = upsample_maps(maps, (224, 224), align_corners=align_corners)
+        np.testing.assert_array_equal(peak_points(upsampled), [[0.0, 0.0]])
+    # Pointing at box [25, 0, 50, 10] with the default 15 px (Euclidean): from (15.5, 15.5)
+    # dx = 25 - 15.5 = 9.5, dy = 15.5 - 10 = 5.5, sqrt(90.25 + 30.25) = 10.98 <= 15: hit;
+    # from (0, 0) dx = 25 > 15: miss.
+    box = [[[25, 0, 50, 10]]]
+    assert pointing_game(peak_points(maps, image_size=(224, 224)), [0], box)["accuracy"] == 1.0
+    assert pointing_game(peak_points(upsample_maps(maps, (224, 224))), [0], box)["accuracy"] == 0.0
+
+
+def test_peak_of_the_last_cell_depends_on_align_corners():
+    maps = np.zeros((1, 7, 7))
+    maps[0, 0, 6] = 1.0  # row 0, column 6 (the right border)
+    # cell centre x = 6.5 * 32 - 0.5 = 207.5, y = 15.5
+    np.testing.assert_allclose(peak_points(maps, image_size=(224, 224)), [[207.5, 15.5]])
+    # align_corners=False: column p samples (p + 0.5) / 32 - 0.5: p = 207 -> 5.984375 (value
+    # 0.984375), p = 208 -> 6.015625, clamped to 6 (value 1.0), and so on up to 223; rows
+    # 0..15 are clamped to row 0. First maximum: column 208, row 0.
+    np.testing.assert_array_equal(peak_points(upsample_maps(maps, (224, 224))), [[208.0, 0.0]])
+    # align_corners=True: column p samples p * 6 / 223, which reaches 6 only at p = 223
+    # (p = 222 -> 5.973, value 0.973); row 0 samples 0. Maximum at (223, 0), the released
+    # code's point (PyTorch <= 0.3 bilinear upsampling aligned corners).
+    np.testing.assert_array_equal(peak_points(upsample_maps(maps, (224, 224), align_corners=True)), [[223.0, 0.0]])
+
+
 def test_peak_accepts_tensors_and_empty_batches():
     maps = torch.zeros(1, 3, 3)
     maps[0, 1, 2] = 2.0
@@ -77,6 +113,20 @@ def test_components_are_eight_connected_and_sorted_by_score():
     # (2,4)-(3,4): box x 4..4, y 2..3, mean 3. With 4-connectivity there would be 3.
     np.testing.assert_array_equal(boxes[0], [[1, 1, 2, 2], [4, 2, 4, 3]])
     np.testing.assert_allclose(scores[0], [6.0, 3.0])
+
+
+def test_components_four_connected_like_the_released_code():
+    # 4-connectivity (scipy's default structure, as the released localize_from_map): the
+    # diagonal pair (1,1)-(2,2) splits. Components in row-major order of first pixels:
+    # (1,1) box x 1..1, y 1..1, mean 6; (2,2) box [2,2,2,2], mean 6; (2,4)-(3,4) [4,2,4,3],
+    # mean 3. Sorted by score, equal scores keep that order.
+    boxes, scores = boxes_from_maps(SPARSE[None], per_component=True, connectivity=4)
+    np.testing.assert_array_equal(boxes[0], [[1, 1, 1, 1], [2, 2, 2, 2], [4, 2, 4, 3]])
+    np.testing.assert_allclose(scores[0], [6.0, 6.0, 3.0])
+    # 8 (the default) joins the diagonal pair: 2 components (see the test above)
+    assert len(boxes_from_maps(SPARSE[None], per_component=True, connectivity=8)[0][0]) == 2
+    with pytest.raises(ValueError, match="connectivity"):
+        boxes_from_maps(SPARSE[None], per_component=True, connectivity=6)
 
 
 @pytest.mark.parametrize("score, expected", [("sum", [12.0, 6.0]), ("max", [6.0, 3.0]), ("mean", [6.0, 3.0])])
@@ -155,6 +205,17 @@ def test_upsample_bilinear_half_pixel():
     # row 1 = 0.75 * row0 + 0.25 * [0, 1, 3, 4] = [0.75, 1.375, 2.625, 3.25]
     np.testing.assert_allclose(out[0, 0].numpy(), [1.0, 1.5, 2.5, 3.0])
     np.testing.assert_allclose(out[0, 1].numpy(), [0.75, 1.375, 2.625, 3.25])
+
+
+def test_upsample_align_corners():
+    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
+    out = upsample_maps(maps, (4, 4), align_corners=True)
+    # align_corners=True: output index p samples input p * (2 - 1) / (4 - 1) = p / 3:
+    # row 0 -> [1, 1 + 2/3, 1 + 4/3, 3]; row 3 = input row 1 -> [0, 4/3, 8/3, 4]
+    np.testing.assert_allclose(out[0, 0].numpy(), [1.0, 5 / 3, 7 / 3, 3.0], rtol=1e-6)
+    np.testing.assert_allclose(out[0, 3].numpy(), [0.0, 4 / 3, 8 / 3, 4.0], rtol=1e-6)
+    # row 1 samples input row 1/3: 2/3 of row 0 + 1/3 of row 1 -> column 0: 2/3 * 1 + 0 = 2/3
+    assert out[0, 1, 0].item() == pytest.approx(2 / 3)
 
 
 def test_upsample_numpy_in_numpy_out_and_empty():
