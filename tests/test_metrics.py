@@ -1,10 +1,13 @@
 """Tests of spn.metrics. Every expected number is worked out by hand in the comments from
 the metric's definition (for MaxBoxAcc: wsolevaluation's rules, see docs/metrics.md)."""
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
+from spn.localize import boxes_from_maps
 from spn.metrics import (
     BoxAccuracy,
     CorLoc,
@@ -122,13 +125,23 @@ def test_pointing_counts_only_boxes_of_the_cued_class():
 
 def test_pointing_streaming_matches_one_shot_and_empty_batches():
     metric = PointingGame()
-    metric.update(np.zeros((0, 2)), [], [])  # empty batch
-    assert metric.compute()["accuracy"] == 0.0 and metric.compute()["queries"] == 0
+    metric.update(np.zeros((0, 2)), [], [])  # an empty batch is fine, but it is no score
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        metric.compute()
     batches = [
         (torch.tensor([[15.0, 15.0]]), torch.tensor([0]), CORNER_BOX),
         ({"points": [[100, 100], [12, 12]], "cue_labels": [0, 1], "gt_boxes": CORNER_BOX * 2}),
     ]
     assert evaluate(metric, batches)["accuracy"] == pytest.approx(0.75)
+
+
+def test_pointing_distance_is_to_the_rectangle_of_pixel_centres():
+    # box columns 10..20: its last column covers x in [19.5, 20.5], but the distance is
+    # measured to the rectangle through pixel centres, [10, 20] x [10, 20]. The point
+    # (20.5, 15) is 0.5 away: a miss with tolerance 0, a hit with tolerance 0.5.
+    assert pointing_game([[20.5, 15.0]], [0], CORNER_BOX, tolerance=0)["accuracy"] == 0.0
+    assert pointing_game([[20.5, 15.0]], [0], CORNER_BOX, tolerance=0.5)["accuracy"] == 1.0
+    assert pointing_game([[20.0, 15.0]], [0], CORNER_BOX, tolerance=0)["accuracy"] == 1.0
 
 
 def test_pointing_bad_input():
@@ -150,12 +163,51 @@ def test_pointing_bad_input():
 def test_corloc_mean_over_classes():
     pred = [[[0, 0, 9, 9]], [[0, 0, 9, 9]], [[50, 50, 60, 60], [0, 0, 9, 9]]]
     gt = [[[0, 0, 9, 4]], [[0, 0, 9, 3]], [[0, 0, 9, 9]]]
-    result = corloc(pred, [0, 0, 1], gt)
-    # class 0: IoU 50/100 = 0.5 (correct: >=), IoU 40/100 = 0.4 (wrong) -> 0.5
+    result = corloc(pred, [0, 0, 1], gt, max_boxes=None)
+    # any box counts: class 0: IoU 50/100 = 0.5 (correct: >=), IoU 40/100 = 0.4 (wrong) -> 0.5
     # class 1: the second predicted box matches exactly -> 1.0; mean 0.75 (pooled 2/3)
     assert result["per_class"] == {0: 0.5, 1: 1.0}
     assert result["corloc"] == pytest.approx(0.75)
     assert (result["correct"], result["queries"]) == (2, 3)
+    # one box per query (the default): class 1's first box [50,50,60,60] misses [0,0,9,9]
+    # (IoU 0) -> class 1: 0.0; mean (0.5 + 0.0) / 2 = 0.25
+    result = corloc(pred, [0, 0, 1], gt)
+    assert result["per_class"] == {0: 0.5, 1: 0.0}
+    assert result["corloc"] == pytest.approx(0.25)
+    assert (result["correct"], result["queries"]) == (1, 3)
+
+
+def test_corloc_and_gt_known_count_the_first_boxes_only():
+    # The reviewer's example: per-component boxes come sorted by score; the best component
+    # (value 5 at row 2, column 5) is not the object (gt: the value-1 pixel at (0, 0)).
+    maps = np.zeros((1, 3, 6))
+    maps[0, 0, 0] = 1.0
+    maps[0, 2, 5] = 5.0
+    boxes, _ = boxes_from_maps(maps, per_component=True)  # [[5,2,5,2], [0,0,0,0]]
+    gt = [[[0, 0, 0, 0]]]
+    # max_boxes=1: [5,2,5,2] vs [0,0,0,0] share nothing -> 0.0; None: [0,0,0,0] matches -> 1.0
+    assert corloc(boxes, [0], gt)["corloc"] == 0.0
+    assert corloc(boxes, [0], gt, max_boxes=None)["corloc"] == 1.0
+    assert loc_accuracy(boxes, gt)["gt_known"] == 0.0
+    assert loc_accuracy(boxes, gt, max_boxes=None)["gt_known"] == 1.0
+    # three boxes, the right one third: counted from max_boxes=3 on
+    three = [[[20, 20, 29, 29], [40, 40, 49, 49], [0, 0, 9, 9]]]
+    for max_boxes, expected in [(1, 0.0), (2, 0.0), (3, 1.0), (4, 1.0)]:
+        assert corloc(three, [0], [[[0, 0, 9, 9]]], max_boxes=max_boxes)["corloc"] == expected
+        assert loc_accuracy(three, [[[0, 0, 9, 9]]], max_boxes=max_boxes)["gt_known"] == expected
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="max_boxes"):
+            CorLoc(max_boxes=bad)
+        with pytest.raises(ValueError, match="max_boxes"):
+            LocalizationAccuracy(max_boxes=bad)
+
+
+def test_corloc_one_pixel_boxes():
+    # one-pixel boxes under the +1 convention: the same pixel -> IoU 1/1 (correct);
+    # the neighbouring pixel -> IoU 0 (wrong); per class 1.0 and 0.0 -> mean 0.5
+    result = corloc([[[3, 3, 3, 3]], [[4, 3, 4, 3]]], [0, 1], [[[3, 3, 3, 3]], [[3, 3, 3, 3]]])
+    assert result["per_class"] == {0: 1.0, 1: 0.0}
+    assert result["corloc"] == 0.5
 
 
 def test_corloc_uses_boxes_of_the_cued_class_only():
@@ -171,6 +223,8 @@ def test_corloc_no_prediction_is_wrong_and_streaming():
     metric.update(np.array([[0, 0, 9, 9]]), np.array([0]), np.array([[0, 0, 9, 9]]))  # (B, 4) arrays
     metric.update([], [], [])
     assert metric.compute()["per_class"] == {0: 0.5}
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        evaluate(CorLoc(), [([], [], [])])
 
 
 def test_corloc_threshold():
@@ -255,13 +309,93 @@ def test_wsol_v2_boxes_holes_like_retr_tree():
     np.testing.assert_array_equal(without, [[0, 0, 7, 7]])
 
 
+def test_wsol_largest_region_ties_go_to_the_last_region_like_opencv():
+    # OpenCV (4.14 and 5.0, checked) lists contours in reverse scan order and Python's max
+    # keeps the first maximum of that list: of equal regions, the one whose first pixel
+    # comes last in row-major order wins.
+    # Two 2 x 2 squares at rows/columns 1..2 and 6..7 of a 10 x 10 map: the second,
+    # (6, 6, 6 + 2, 6 + 2) = [6, 6, 8, 8] (the first would be [1, 1, 3, 3]).
+    scoremap = np.zeros((10, 10))
+    scoremap[1:3, 1:3] = 1.0
+    scoremap[6:8, 6:8] = 1.0
+    assert wsol_boxes(scoremap, [0.0])[0].tolist() == [[6, 6, 8, 8]]
+    # three squares, first pixels (1, 1), (1, 6), (6, 1) in scan order: the last, rows 6..7,
+    # columns 1..2 -> [1, 6, 3, 8]
+    scoremap = np.zeros((12, 12))
+    scoremap[1:3, 1:3] = scoremap[1:3, 6:8] = scoremap[6:8, 1:3] = 1.0
+    assert wsol_boxes(scoremap, [0.0])[0].tolist() == [[1, 6, 3, 8]]
+    # scan order is by first pixel, row first: (row 1, column 6) comes before (row 2, column 1),
+    # so the square at rows 2..3, columns 1..2 wins -> [1, 2, 3, 4]
+    scoremap = np.zeros((10, 10))
+    scoremap[1:3, 6:8] = scoremap[2:4, 1:3] = 1.0
+    assert wsol_boxes(scoremap, [0.0])[0].tolist() == [[1, 2, 3, 4]]
+
+
+def test_wsol_largest_region_tie_after_filling_holes():
+    # a solid 3 x 3 block (9 px, rows 1..3, columns 6..8) and, later in scan order, a 3 x 3
+    # ring (8 px, rows 5..7, columns 1..3, hole at (6, 2)). Filled, both hold 9 px (OpenCV:
+    # contour area 2 x 2 = 4 each), a tie, so the ring wins: (1, 5, 1 + 3, 5 + 3) = [1, 5, 4, 8].
+    # Counting raw pixels instead would pick the block, [6, 1, 9, 4].
+    scoremap = np.zeros((11, 11))
+    scoremap[1:4, 6:9] = 1.0
+    scoremap[5:8, 1:4] = 1.0
+    scoremap[6, 2] = 0.0
+    assert wsol_boxes(scoremap, [0.0])[0].tolist() == [[1, 5, 4, 8]]
+
+
+def test_float32_maps_are_normalised_in_float32():
+    # wsolevaluation normalises in the map's dtype. float32(-0.2) = -0.20000000298023224.
+    # float64: (x + 1) / 2 = 0.39999999850988388; * 255 = 101.99999962 -> 101.
+    # float32: x + 1 = 0.79999999701976776 rounds to the nearest float32, 0.800000011920929
+    # (neighbours 0.79999995231628418 and 0.800000011920929, 2^-24 apart); / 2 =
+    # 0.4000000059604645; * 255 = 102.0000015 -> 102.
+    m32 = np.array([[-1.0, -0.2, 1.0]], dtype=np.float32)
+    m64 = m32.astype(np.float64)  # the same values, in float64
+    assert normalize_scoremap(m32).dtype == np.float32
+    assert normalize_scoremap(m64).dtype == np.float64
+    assert normalize_scoremap(np.array([[1, 2]])).dtype == np.float64  # integers -> float64
+    np.testing.assert_array_equal(quantize_scoremap(normalize_scoremap(m32)), [[0, 102, 255]])
+    np.testing.assert_array_equal(quantize_scoremap(normalize_scoremap(m64)), [[0, 101, 255]])
+    # t = 0.397: cut int(101.235) = 101. float32: 102 > 101, columns 1..2 -> (1, 0, min(3, 2),
+    # min(1, 0)) = [1, 0, 2, 0]; float64: 101 > 101 is false, column 2 only -> [2, 0, 2, 0]
+    assert wsol_boxes(m32, [0.397])[0].tolist() == [[1, 0, 2, 0]]
+    assert wsol_boxes(torch.from_numpy(m32), [0.397])[0].tolist() == [[1, 0, 2, 0]]
+    assert wsol_boxes(m64, [0.397])[0].tolist() == [[2, 0, 2, 0]]
+    # Through BoxAccuracy, gt [1, 0, 2, 0], delta 0.7: [1, 0, 2, 0] has IoU 1, [2, 0, 2, 0]
+    # 1 / 2. float32: columns 1..2 while cut <= 101, i.e. 255 t < 102, t <= 0.399: 400
+    # thresholds. float64: while cut <= 100, 255 t < 101, t <= 0.396: 397 thresholds.
+    for maps, ones in [(m32, 400), (m64, 397)]:
+        metric = BoxAccuracy(version=1, iou_thresholds=(0.7,))
+        metric.update(maps[None], [[[1, 0, 2, 0]]])
+        assert metric.compute()["box_acc"][0.7] == [1.0] * ones + [0.0] * (1000 - ones)
+
+
+@pytest.mark.parametrize("dtype, big", [(np.float64, 1e308), (np.float32, 3e38)])
+def test_maps_whose_range_overflows(dtype, big):
+    # max - min = 2 * big overflows (float64 max 1.8e308, float32 max 3.4e38). Halving is
+    # exact: [-big/2, 0, big/2] -> shifted [0, big/2, big] / big = [0, 0.5, 1]; no warning.
+    scoremap = np.array([[-big, 0.0, big]], dtype=dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        normalized = normalize_scoremap(scoremap)
+        # uint8 [0, 127, 255]. Cut <= 126 (t <= 0.498): columns 1..2 -> [1, 0, 2, 0];
+        # cut >= 127: column 2 -> [2, 0, 2, 0]. Neither touches [0, 0, 0, 0] (a NaN map would
+        # quantise to zeros, box [0, 0, 0, 0] and score 1.0 against it).
+        assert max_box_acc(scoremap[None], [[[0, 0, 0, 0]]]) == 0.0
+        assert max_box_acc(scoremap[None], [[[1, 0, 2, 0]]]) == 1.0
+    assert normalized.dtype == dtype
+    np.testing.assert_allclose(normalized, [[0.0, 0.5, 1.0]])
+
+
 # ============================================================================ MaxBoxAcc / V2
 
 
 def two_region_map() -> np.ndarray:
     """10 x 10: R1 = rows 2..4, columns 2..4 at 1.0 (9 px); R2 = rows 7..8, columns 6..9 at
-    0.5 (8 px, on the right border). uint8: R1 255, R2 127. With interval 0.01, the cut at
-    t = 0.49 is int(124.95) = 124 (R2 in), at t = 0.50 it is int(127.5) = 127 (R2 out)."""
+    0.5 (8 px, on the right border). uint8: R1 255, R2 127. R2 is foreground while
+    int(255 t) <= 126, i.e. 255 t < 127, t < 0.49804: with interval 0.001 that is
+    t = 0.000 .. 0.498 (499 thresholds; t = 0.499 gives int(127.245) = 127, R2 out); with
+    interval 0.01, t = 0.00 .. 0.49 (50 thresholds; t = 0.50 gives int(127.5) = 127)."""
     scoremap = np.zeros((10, 10))
     scoremap[2:5, 2:5] = 1.0
     scoremap[7:9, 6:10] = 0.5
@@ -275,21 +409,24 @@ def test_max_box_acc_largest_region():
     metric.update(two_region_map()[None], [np.array([[2, 2, 4, 4]])])
     result = metric.compute()
     assert result["max_box_acc"] == 1.0
-    assert result["box_acc"][0.5] == [1.0] * 100
+    assert result["box_acc"][0.5] == [1.0] * 1000  # default interval 0.001: 1000 thresholds
     assert result["best_threshold"] == {0.5: 0.0}
     # the box of R2 is never the one chosen: gt on R2 -> IoU 0
     assert max_box_acc(two_region_map()[None], [[[6, 7, 9, 8]]]) == 0.0
 
 
 def test_max_box_acc_v2_every_region_and_three_deltas():
-    # gt = R2 exactly, [6, 7, 9, 8]. For t <= 0.49 the boxes include R2's (6, 7, min(10, 9), 9)
-    # = [6, 7, 9, 9]: IoU = 8 / 12 = 0.667 (>= 0.3, >= 0.5, < 0.7). For t >= 0.5 only R1's box.
+    # gt = R2 exactly, [6, 7, 9, 8]. While R2 is foreground the boxes include R2's
+    # (6, 7, min(10, 9), 9) = [6, 7, 9, 9]: IoU = 8 / 12 = 0.667 (>= 0.3, >= 0.5, < 0.7).
+    # Above that only R1's box (IoU 0).
     metric = BoxAccuracy(version=2)
     metric.update(two_region_map()[None], [[[6, 7, 9, 8]]])
     result = metric.compute()
     assert result["per_iou"] == {0.3: 1.0, 0.5: 1.0, 0.7: 0.0}
     assert result["max_box_acc"] == pytest.approx(2 / 3)
-    assert result["box_acc"][0.5] == [1.0] * 50 + [0.0] * 50  # strict ">" on 127 at t = 0.5
+    assert result["box_acc"][0.5] == [1.0] * 499 + [0.0] * 501  # strict ">" on 127 from t = 0.499
+    coarse = evaluate(BoxAccuracy(version=2, interval=0.01), [(two_region_map()[None], [[[6, 7, 9, 8]]])])
+    assert coarse["box_acc"][0.5] == [1.0] * 50 + [0.0] * 50  # from t = 0.50
     assert max_box_acc_v2(two_region_map()[None], [[[6, 7, 9, 8]]]) == pytest.approx(2 / 3)
 
 
@@ -316,7 +453,32 @@ def test_max_box_acc_is_max_over_thresholds_of_the_dataset_accuracy():
     metric.update(maps[1:], gt[1:])
     result = metric.compute()
     assert result["max_box_acc"] == 0.5 and result["images"] == 2
-    assert result["box_acc"][0.5] == [0.5] * 100
+    assert result["box_acc"][0.5] == [0.5] * 1000
+
+
+def test_fine_threshold_step_reaches_thresholds_a_coarse_one_skips():
+    # The reviewer's example. Normalised (min 0, max 1) the map is unchanged; uint8:
+    # background 3.5 -> 3, (0, 0) -> 0, square rows/columns 5..14 -> 4.5 -> 4, core rows/
+    # columns 9..10 -> 255. Foreground "> cut": cut <= 2 -> everything but (0, 0), box
+    # [0, 0, 19, 19]; cut 3 -> the square -> (5, 5, 15, 15); cut >= 4 -> the core ->
+    # (9, 9, 11, 11). gt = the square [5, 5, 14, 14] (100 px): IoUs 100/400 = 0.25,
+    # 100/121 = 0.83 and 9/100 = 0.09 (the core's box, 3 x 3 px, lies inside the gt).
+    # Cut 3 needs 3 <= 255 t < 4, t in [0.01177, 0.01569): interval 0.01 jumps from
+    # t = 0.01 (cut 2) to 0.02 (cut 5) and never sees it; interval 0.001 has t = 0.012
+    # (cut int(3.06) = 3).
+    scoremap = np.full((20, 20), 3.5 / 255)
+    scoremap[0, 0] = 0.0
+    scoremap[5:15, 5:15] = 4.5 / 255
+    scoremap[9:11, 9:11] = 1.0
+    gt = [[[5, 5, 14, 14]]]
+    assert max_box_acc(scoremap[None], gt, interval=0.01) == 0.0
+    assert max_box_acc(scoremap[None], gt, interval=0.001) == 1.0
+    assert max_box_acc(scoremap[None], gt) == 1.0  # 0.001 is the default
+    result = evaluate(BoxAccuracy(version=1), [(scoremap[None], gt)])
+    assert len(result["thresholds"]) == 1000 and result["thresholds"][12] == pytest.approx(0.012)
+    assert result["best_threshold"] == {0.5: pytest.approx(0.012)}
+    # only t = 0.012 .. 0.015 give cut 3 (t = 0.016: int(4.08) = 4)
+    assert result["box_acc"][0.5] == [0.0] * 12 + [1.0] * 4 + [0.0] * 984
 
 
 def test_iou_equal_to_delta_is_correct():
@@ -366,7 +528,10 @@ def test_several_gt_boxes_and_none():
 
 
 def test_box_accuracy_empty_and_bad_input():
-    assert BoxAccuracy().compute()["max_box_acc"] == 0.0
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        BoxAccuracy().compute()
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        evaluate(BoxAccuracy(), [])  # an empty data loader is not a score of 0
     nan_map = np.zeros((1, 5, 5))
     nan_map[0, 2, 2] = np.nan
     with pytest.raises(ValueError, match="NaN"):
@@ -403,6 +568,64 @@ def test_localization_accuracy_streaming_rules():
     with pytest.raises(ValueError, match="gt_labels"):
         LocalizationAccuracy().update([[0, 0, 9, 9]], [[[0, 0, 9, 9]]], pred_labels=[1])
     assert metric.compute() == {"gt_known": 1.0, "top1": 1.0, "images": 1}
+
+
+def test_localization_accuracy_empty_predictions_and_empty_ground_truth():
+    # image 1: no predicted box -> wrong; image 2: no ground-truth box -> wrong;
+    # image 3: exact match -> right. GT-known 1/3; top-1 (all classes right) also 1/3.
+    pred = [np.zeros((0, 4)), [[0, 0, 9, 9]], [[0, 0, 9, 9]]]
+    gt = [[[0, 0, 9, 9]], np.zeros((0, 4)), [[0, 0, 9, 9]]]
+    result = loc_accuracy(pred, gt, gt_labels=[0, 1, 2], pred_labels=[0, 1, 2])
+    assert result == {"gt_known": pytest.approx(1 / 3), "top1": pytest.approx(1 / 3), "images": 3}
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        LocalizationAccuracy().compute()
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        loc_accuracy([], [])
+
+
+def test_localization_accuracy_failed_update_changes_nothing():
+    metric = LocalizationAccuracy()
+    metric.update([[0, 0, 9, 9]], [[[0, 0, 9, 9]]], [1], [1])  # right box, right class
+    before = metric.compute()
+    assert before == {"gt_known": 1.0, "top1": 1.0, "images": 1}
+    # pred_labels has 2 entries for 1 image: rejected, and nothing was counted
+    with pytest.raises(ValueError, match="pred_labels"):
+        metric.update([[50, 50, 60, 60]], [[[0, 0, 9, 9]]], [1], [1, 2])
+    assert metric.compute() == before
+    # a fresh metric whose first update fails is not tied to top-1 afterwards
+    fresh = LocalizationAccuracy()
+    with pytest.raises(ValueError, match="gt_labels"):
+        fresh.update([[0, 0, 9, 9]], [[[0, 0, 9, 9]]], [1, 2], [1])
+    fresh.update([[0, 0, 9, 9]], [[[0, 0, 9, 9]]])  # no labels: allowed
+    assert fresh.compute() == {"gt_known": 1.0, "top1": None, "images": 1}
+
+
+GOOD_MAP = np.zeros((1, 4, 4))
+GOOD_MAP[0, 1, 1] = 1.0
+TWO_MAPS = np.concatenate([GOOD_MAP] * 2)
+REVERSED_SECOND = [[[1, 1, 1, 1]], [[3, 0, 1, 1]]]  # the second image's box has x1 < x0
+
+
+@pytest.mark.parametrize(
+    "make_metric, good, bad",
+    [
+        # box labels for 2 boxes where the image has 1
+        (PointingGame, ([[1, 1]], [0], [[[0, 0, 2, 2]]]), ([[1, 1]], [0], [[[0, 0, 2, 2]]], [[0, 1]])),
+        (CorLoc, ([[[0, 0, 2, 2]]], [0], [[[0, 0, 2, 2]]]), ([[[0, 0, 2, 2]]], [0], [[[0, 0, 2, 2]]], [[0, 1]])),
+        # the second image's ground truth is a reversed box
+        (lambda: BoxAccuracy(interval=0.5), (GOOD_MAP, [[[1, 1, 1, 1]]]), (TWO_MAPS, REVERSED_SECOND)),
+        (ObjectEnergy, (GOOD_MAP, [[[1, 1, 1, 1]]]), (TWO_MAPS, REVERSED_SECOND)),
+        (LocalizationAccuracy, ([[0, 0, 2, 2]], [[[0, 0, 2, 2]]]), ([[1, 1, 1, 1]] * 2, REVERSED_SECOND)),
+    ],
+    ids=["pointing", "corloc", "box_accuracy", "object_energy", "localization"],
+)
+def test_failed_update_leaves_every_metric_unchanged(make_metric, good, bad):
+    metric = make_metric()
+    metric.update(*good)
+    before = metric.compute()
+    with pytest.raises(ValueError):
+        metric.update(*bad)
+    assert metric.compute() == before
 
 
 # ============================================================================ object energy
@@ -453,7 +676,23 @@ def test_object_energy_mean_over_images_and_streaming():
     result = metric.compute()
     assert result["per_image"] == pytest.approx([0.875, 0.25])
     assert result["object_energy"] == pytest.approx(0.5625)
-    assert ObjectEnergy().compute()["object_energy"] == 0.0
+    with pytest.raises(ValueError, match="no images were evaluated"):
+        ObjectEnergy().compute()
+
+
+def test_object_energy_one_pixel_box():
+    maps = np.array([[[1.0, 3.0], [0.0, 4.0]]])  # total 8
+    # the one-pixel box [1, 1, 1, 1] holds (row 1, column 1) = 4 -> 4/8
+    assert object_energy(maps, [[[1, 1, 1, 1]]])["object_energy"] == pytest.approx(0.5)
+
+
+def test_object_energy_sum_beyond_float64():
+    # four pixels of 1e308: the sum 4e308 overflows; divided by the maximum first they are
+    # 1, 1, 1, 1, so a one-pixel box holds 1/4 (an overflowing sum would give 1e308 / inf = 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = object_energy(np.full((1, 2, 2), 1e308), [[[0, 0, 0, 0]]])
+    assert result["object_energy"] == pytest.approx(0.25)
 
 
 def test_object_energy_rejects_nan():
