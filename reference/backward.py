@@ -22,16 +22,17 @@ def soft_proposal_vjp(
     grad_coupled,
     epsilon: Epsilon = None,
     iterations: int | None = None,
-    tolerance: float = 0.0,
     detach: bool = True,
+    tolerance: float = 0.0,
 ) -> np.ndarray:
     """dE/dU for one image, given dE/dV: (K, H, W) -> (K, H, W).
 
     Args:
         features: (K, H, W) deep features U.
         grad_coupled: (K, H, W) gradient of the loss with respect to V = U * M.
-        epsilon, iterations, tolerance: as in `proposal_map`.
+        epsilon, iterations: as in `proposal_map`.
         detach: True for the paper's gradient (M constant), False for the exact one.
+        tolerance: as in `proposal_map` (the walk's early stop; its steps are the ones differentiated).
     """
     u = check_features(features)
     check_walk_options(iterations, tolerance)

@@ -25,7 +25,7 @@ def reference_grad(u, g, eps, iterations, tolerance, detach):
     """(B, K, H, W) dE/dU of the reference, given dE/dV."""
     return np.stack(
         [
-            ref_backward.soft_proposal_vjp(image, grad, eps, iterations, tolerance, detach)
+            ref_backward.soft_proposal_vjp(image, grad, eps, iterations, detach=detach, tolerance=tolerance)
             for image, grad in zip(u.detach().double().cpu().numpy(), g.double().cpu().numpy())
         ]
     )

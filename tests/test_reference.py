@@ -112,3 +112,12 @@ def test_vjp_exact_matches_finite_differences(iterations):
         minus[index] -= step
         numeric[index] = (loss(plus) - loss(minus)) / (2 * step)
     np.testing.assert_allclose(grad, numeric, rtol=1e-6, atol=1e-8)
+
+
+def test_vjp_takes_the_issue_positional_order():
+    # soft_proposal_vjp(features, grad_coupled, epsilon, iterations, detach): detach is 5th.
+    rng = np.random.default_rng(3)
+    u, g = rng.standard_normal((2, 2, 3, 3))
+    positional = R.soft_proposal_vjp(u, g, None, 2, False)
+    np.testing.assert_array_equal(positional, R.soft_proposal_vjp(u, g, iterations=2, detach=False))
+    assert not np.allclose(positional, R.soft_proposal_vjp(u, g, iterations=2, detach=True))
