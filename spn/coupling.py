@@ -1,4 +1,4 @@
-"""Soft Proposal Coupling and SPN's pooling, batched in torch (mirrors reference/coupling.py)."""
+"""Soft Proposal Coupling and SPN's pooling, batched in torch (mirrors spn/reference/coupling.py)."""
 
 from __future__ import annotations
 

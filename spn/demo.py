@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epsilon", type=float, default=None, help="kernel width in cells (default 0.15 sqrt(HW))")
     args = parser.parse_args(argv)
 
-    import reference
+    from spn import reference
     import spn
     from spn import viz
 

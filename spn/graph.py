@@ -1,4 +1,4 @@
-"""The graph of Soft Proposal Generation, batched in torch (mirrors reference/graph.py).
+"""The graph of Soft Proposal Generation, batched in torch (mirrors spn/reference/graph.py).
 
 Distances use the GEMM form ||a - b||^2 = |a|^2 + |b|^2 - 2 a.b, which is an order of
 magnitude faster than direct differences on a CPU, and guard its accuracy three ways:
@@ -39,7 +39,7 @@ def spatial_kernel(height: int, width: int, epsilon: float, rows: slice | None =
     """L~_ab = exp(-(r_ab^2 - 1) / (2 eps^2)), 1 where r_ab^2 <= 1, float64, shape (rows, n).
 
     The paper's kernel divided by its nearest-neighbour value; the column normalisation of
-    D removes the factor (see reference/graph.py). Kernels of up to CACHED_KERNEL_ELEMENTS
+    D removes the factor (see spn/reference/graph.py). Kernels of up to CACHED_KERNEL_ELEMENTS
     entries are made once per (H, W, eps, device) and kept (a training loop asks for the
     same one at every step); larger ones are made block by block, as asked.
     """

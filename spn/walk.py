@@ -1,4 +1,4 @@
-"""The random walk, batched in torch (mirrors reference/walk.py).
+"""The random walk, batched in torch (mirrors spn/reference/walk.py).
 
 `stationary_state` is the exact stationary state deg / sum(deg); `power_iteration` runs k
 steps of M <- D M for the whole batch. Neither synchronises with the device: the

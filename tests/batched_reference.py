@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from reference import backward as ref_backward
-from reference import graph as ref_graph
-from reference import walk as ref_walk
+from spn.reference import backward as ref_backward
+from spn.reference import graph as ref_graph
+from spn.reference import walk as ref_walk
 
 
 def reference_map(u, eps, iterations=None, tolerance=0.0):

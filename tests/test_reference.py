@@ -7,7 +7,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-import reference as R
+from spn import reference as R
 from strategies import epsilons, feature_maps
 
 

@@ -8,7 +8,7 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-import reference as R
+from spn import reference as R
 import spn
 from spn import graph
 from strategies import epsilons, feature_maps

@@ -9,7 +9,8 @@ features shaped (K, H, W). Speed is not a goal; being obviously right is.
     coupling.py  section 3.2, V_k = U_k * M, and SPN's spatial sum pooling
     backward.py  section 3.3, the backward pass: Eq. 6 (M detached) and the exact one
 
-The torch library `spn/` mirrors this layout file by file.
+The torch path in `spn/` beside this folder mirrors this layout file by file. Nothing here
+imports the rest of the library (only NumPy and SciPy), so it stays an independent check.
 """
 
 from .backward import soft_proposal_vjp
