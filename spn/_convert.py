@@ -7,13 +7,14 @@ through :func:`to_numpy`, once, at that border.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["to_numpy"]
+__all__ = ["as_map_batch", "check_finite_maps", "check_size", "to_numpy"]
 
 
 def to_numpy(value: Any, dtype: npt.DTypeLike | None = None) -> np.ndarray:
@@ -27,3 +28,58 @@ def to_numpy(value: Any, dtype: npt.DTypeLike | None = None) -> np.ndarray:
             tensor = tensor.to(dtype=target)
         return tensor.cpu().numpy()
     return np.asarray(value, dtype=dtype)
+
+
+def check_size(size: Sequence[int], name: str = "size") -> tuple[int, int]:
+    """``(H, W)`` as two positive ints; raise ``ValueError`` naming ``name`` otherwise."""
+    try:
+        height, width = (int(value) for value in size)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be (H, W), two positive integers; got {size!r}") from None
+    if height < 1 or width < 1:
+        raise ValueError(f"{name} must be (H, W), two positive integers; got {size!r}")
+    return height, width
+
+
+def as_map_batch(maps: Any, name: str = "maps", keep_float32: bool = False) -> np.ndarray:
+    """A batch of maps as a new float64 ``(B, H, W)`` NumPy array; raise on anything else.
+
+    Args:
+        maps: ``torch.Tensor`` (any device; converted once by :func:`to_numpy`) or array-like.
+        name: what to call the argument in error messages.
+        keep_float32: keep float32 maps in float32 (everything else still becomes float64),
+            for computations that must run in the input's precision, as wsolevaluation's
+            normalisation does.
+
+    Returns:
+        A new float64 (or, with ``keep_float32``, float32) array, never a view of the input.
+
+    Raises:
+        ValueError: not 3-D, an empty spatial size, NaN or infinity (naming the image).
+        TypeError: complex, boolean or non-numeric values.
+    """
+    array = to_numpy(maps)
+    if array.ndim != 3:
+        raise ValueError(
+            f"{name} must have shape (B, H, W), got shape {array.shape}; for a single (H, W) map pass map[None]"
+        )
+    if array.dtype == bool or not (np.issubdtype(array.dtype, np.floating) or np.issubdtype(array.dtype, np.integer)):
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.shape[0] > 0 and (array.shape[1] == 0 or array.shape[2] == 0):
+        raise ValueError(f"{name} must have H >= 1 and W >= 1, got shape {array.shape}")
+    dtype = np.float32 if keep_float32 and array.dtype == np.float32 else np.float64
+    array = np.array(array, dtype=dtype)  # always a copy
+    check_finite_maps(array, name)
+    return array
+
+
+def check_finite_maps(maps: np.ndarray, name: str = "maps") -> None:
+    """Raise ``ValueError`` naming the first image whose map holds NaN or infinity."""
+    if maps.size == 0 or np.isfinite(maps).all():
+        return
+    index = int(np.flatnonzero(~np.isfinite(maps).all(axis=(1, 2)))[0])
+    kind = "NaN" if np.isnan(maps[index]).any() else "infinite values"
+    raise ValueError(
+        f"{name}[{index}] contains {kind}; maps must be finite (check the network output, "
+        "e.g. a division by zero in a normalisation)"
+    )

@@ -7,12 +7,13 @@ Everything here works on a whole batch at once, with one einsum and no loop over
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 
-from spn.localize import upsample_maps  # noqa: F401  (re-exported by spn.models)
+from spn._convert import check_size
 
 ClassSelector = Callable[[torch.Tensor], torch.Tensor]
 ClassSpec = Literal["all", "predicted"] | torch.Tensor | ClassSelector
@@ -128,3 +129,58 @@ def class_response_maps(activations: torch.Tensor, weight: torch.Tensor, classes
     chosen = weight[classes if classes.dim() == 2 else classes[:, None]]  # (B, k, K)
     maps = torch.einsum("bck,bkhw->bchw", chosen, activations)
     return maps[:, 0] if classes.dim() == 1 else maps
+
+
+def upsample_maps(maps: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
+    """Resize maps ``(B, h, w) -> (B, H, W)`` (or ``(B, C, h, w) -> (B, C, H, W)``) bilinearly.
+
+    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=align_corners)`` on the
+    maps' device. The two conventions place the map's cells differently in the image
+    (column ``j`` of ``w`` shown; rows likewise):
+
+    * ``align_corners=False`` (default, current PyTorch and OpenCV): the map is ``h x w``
+      cells tiling the image, so cell ``j`` takes its value exactly at its centre
+      ``(j + 0.5) * W / w - 0.5`` (:func:`spn.localize.cell_centres`; 15.5, 47.5, ... for 7
+      cells over 224 pixels). Pixels beyond the outermost centres are clamped to the border
+      cell's value, so a peak in a border cell becomes a plateau of half a stride.
+    * ``align_corners=True``: cell ``j`` lands on image coordinate ``j * (W - 1) / (w - 1)``,
+      so the corner cells land on the corner pixels and nothing is clamped. This is what
+      ``F.upsample(mode="bilinear")`` did in PyTorch <= 0.3, which the released SPN code used:
+      pass True to reproduce its maps and points.
+
+    With ``w == 1`` (or ``h == 1``) both give a constant row (column).
+
+    Args:
+        maps: tensor of shape ``(B, h, w)`` or ``(B, C, h, w)``; NumPy arrays go through
+            ``torch.from_numpy`` first (no copy).
+        size: ``(H, W)``, the output (image) size.
+        align_corners: see above.
+
+    Returns:
+        A tensor on the maps' device (integer maps become float32).
+
+    Shape:
+        - Input: :math:`(B, h, w)` or :math:`(B, C, h, w)`.
+        - Output: :math:`(B, H, W)` or :math:`(B, C, H, W)`.
+
+    Example:
+        >>> upsample_maps(torch.tensor([[[1.0, 3.0]]]), (1, 4))
+        tensor([[[1.0000, 1.5000, 2.5000, 3.0000]]])
+        >>> upsample_maps(torch.tensor([[[1.0, 3.0]]]), (1, 4), align_corners=True)
+        tensor([[[1.0000, 1.6667, 2.3333, 3.0000]]])
+    """
+    if not isinstance(maps, torch.Tensor):
+        raise TypeError(
+            f"upsample_maps is a torch operation and takes a tensor, got {type(maps).__name__}; "
+            "wrap a NumPy array with torch.from_numpy(array) (no copy)"
+        )
+    height, width = check_size(size)
+    if maps.ndim not in (3, 4):
+        raise ValueError(f"maps must have shape (B, h, w) or (B, C, h, w), got shape {tuple(maps.shape)}")
+    tensor = maps if maps.is_floating_point() else maps.float()
+    stacked = tensor if tensor.ndim == 4 else tensor[:, None]
+    if stacked.shape[0] == 0 or stacked.shape[1] == 0:
+        resized = stacked.new_zeros((*stacked.shape[:2], height, width))
+    else:
+        resized = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=bool(align_corners))
+    return resized if tensor.ndim == 4 else resized[:, 0]
