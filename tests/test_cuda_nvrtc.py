@@ -1,8 +1,9 @@
 """The CUDA sources compile, and the CPU-testable glue of backend='cupy' behaves.
 
-No GPU or driver is needed: NVRTC (the nvidia-cuda-nvrtc wheel that CuPy loads) compiles
-CUDA C++ to PTX on its own. The compile tests run wherever CuPy imports and are skipped,
-with the reason, where it does not.
+No GPU, driver or CuPy is needed: NVRTC compiles CUDA C++ to PTX on its own, and
+tests/cuda_nvrtc_check.py calls it through ctypes, from the `nvidia-cuda-nvrtc-cu12` wheel
+or a system CUDA toolkit. Where NVRTC cannot be found the compile tests are skipped with
+the reason, except under CI=true, where they fail: CI must compile the kernels.
 """
 
 from __future__ import annotations
@@ -10,13 +11,16 @@ from __future__ import annotations
 import fnmatch
 import importlib.util
 import math
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+import cuda_nvrtc_check
 from spn.cuda import compile as cuda_compile
 from spn.cuda import function
 
@@ -30,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module", params=ARCHS)
 def ptx(request):
-    pytest.importorskip("cupy", reason="CuPy is not installed: pip install 'spn[cuda12]' to check the CUDA sources")
-    return request.param, cuda_compile.compile_all_for_check(request.param)
+    cuda_nvrtc_check.load_or_skip()
+    return request.param, cuda_nvrtc_check.compile_all(request.param)
 
 
 def test_every_kernel_file_is_package_data():
@@ -78,13 +82,101 @@ def test_both_dtypes_have_every_typed_kernel(ptx):
             assert {base + "_f32", base + "_f64"} <= entries
 
 
-@needs_cupy
 def test_a_broken_source_reports_the_nvrtc_log(monkeypatch):
+    cuda_nvrtc_check.load_or_skip()
     real = cuda_compile.source
     monkeypatch.setattr(cuda_compile, "source", lambda name: real(name) + "\nthis is not C++;\n")
     monkeypatch.setattr(cuda_compile, "SOURCES", ("couple.cu",))
-    with pytest.raises(RuntimeError, match="NVRTC could not compile couple.cu"):
-        cuda_compile.compile_all_for_check("compute_80")
+    broken = r"NVRTC could not compile couple.cu(.|\n)*this is not C\+\+"
+    with pytest.raises(cuda_nvrtc_check.CompileError, match=broken):
+        cuda_nvrtc_check.compile_all("compute_80")
+
+
+def test_an_unknown_architecture_is_refused():
+    cuda_nvrtc_check.load_or_skip()
+    with pytest.raises(cuda_nvrtc_check.CompileError, match="compute_1"):
+        cuda_nvrtc_check.compile_ptx("__global__ void k() {}", "k.cu", "compute_1")
+
+
+def test_the_compile_check_needs_no_cupy():
+    """In a fresh interpreter where `import cupy` fails, the check still compiles the kernels."""
+    cuda_nvrtc_check.load_or_skip()
+    code = (
+        "import sys; sys.modules['cupy'] = sys.modules['cupy_backends'] = None\n"
+        "import cuda_nvrtc_check\n"
+        "ptx = cuda_nvrtc_check.compile_all('compute_80')['couple.cu']\n"
+        "assert '.entry sp_couple_f32' in ptx, ptx[:500]\n"
+        "assert not any(name.startswith('cupy') for name in sys.modules if sys.modules[name] is not None)\n"
+    )
+    tests = Path(__file__).resolve().parent
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHONPATH": f"{ROOT}:{tests}"})
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+# -- finding NVRTC: where it looks, and what a machine without it is told ---------------------
+
+
+def _not_found():
+    raise cuda_nvrtc_check.NvrtcNotFound("no NVRTC here")
+
+
+def _outcome(function) -> BaseException:
+    """What `function()` raised, a pytest skip or failure included (pytest.raises(Failed) lets a
+    skip through, which would turn a wrong skip into a skipped test instead of a failed one)."""
+    try:
+        function()
+    except BaseException as raised:  # skips and failures are BaseExceptions
+        return raised
+    raise AssertionError(f"{function.__name__} returned instead of raising")
+
+
+def test_without_nvrtc_the_check_fails_under_ci(monkeypatch):
+    monkeypatch.setattr(cuda_nvrtc_check, "load", _not_found)
+    monkeypatch.setenv("CI", "true")
+    raised = _outcome(cuda_nvrtc_check.load_or_skip)
+    assert isinstance(raised, pytest.fail.Exception), repr(raised)
+    assert "CI=true and the CUDA compile check cannot run: no NVRTC here" in str(raised)
+
+
+def test_without_nvrtc_the_check_is_skipped_with_the_reason_elsewhere(monkeypatch):
+    monkeypatch.setattr(cuda_nvrtc_check, "load", _not_found)
+    monkeypatch.delenv("CI", raising=False)
+    raised = _outcome(cuda_nvrtc_check.load_or_skip)
+    assert isinstance(raised, pytest.skip.Exception), repr(raised)
+    assert "needs NVRTC: no NVRTC here" in str(raised)
+
+
+def test_load_without_a_library_says_what_to_install(monkeypatch):
+    monkeypatch.setattr(cuda_nvrtc_check, "find_library", lambda: None)
+    with pytest.raises(cuda_nvrtc_check.NvrtcNotFound, match="pip install nvidia-cuda-nvrtc-cu12"):
+        cuda_nvrtc_check.load.__wrapped__()
+
+
+def test_where_nvrtc_is_looked_for(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPN_NVRTC", str(tmp_path / "missing" / "libnvrtc.so.12"))
+    candidates = cuda_nvrtc_check.library_candidates()
+    assert candidates[0] == tmp_path / "missing" / "libnvrtc.so.12"  # $SPN_NVRTC first
+    assert cuda_nvrtc_check.find_library() != candidates[0]  # a missing file is passed over
+    for wheel in cuda_nvrtc_check.WHEELS:  # then the installed NVRTC wheels' own files
+        for path in cuda_nvrtc_check._wheel_libraries(wheel):
+            assert path in candidates and path.name.startswith("libnvrtc.so")
+    fake = tmp_path / "cuda" / "lib64"
+    fake.mkdir(parents=True)
+    for name in ("libnvrtc.so.13", "libnvrtc-builtins.so.13.0", "libnvrtc.alt.so.13"):
+        (fake / name).write_bytes(b"")
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert [p for p in cuda_nvrtc_check.library_candidates() if p.parent == fake] == [fake / "libnvrtc.so.13"]
+
+
+def test_the_wheel_is_found_when_installed(monkeypatch):
+    wheel = cuda_nvrtc_check._wheel_libraries("nvidia-cuda-nvrtc-cu12")
+    if not wheel:
+        pytest.skip("the nvidia-cuda-nvrtc-cu12 wheel is not installed")
+    monkeypatch.delenv("SPN_NVRTC", raising=False)
+    assert cuda_nvrtc_check.find_library() == wheel[0]
+    cuda_nvrtc_check.load_or_skip()
+    assert cuda_nvrtc_check.version() >= (12, 0)
 
 
 def test_the_header_is_inlined_once_and_line_numbers_point_at_the_files():
@@ -198,7 +290,7 @@ def test_cupy_launcher_converts_once_and_launches_inside_device_and_stream(monke
 
     import numpy as np
 
-    events = []
+    events: list = []
 
     class Context:
         def __init__(self, name):
@@ -228,7 +320,9 @@ def test_cupy_launcher_converts_once_and_launches_inside_device_and_stream(monke
             events.append(("launch", self.name, grid, block, args))
 
     fake = types.SimpleNamespace(
-        cuda=types.SimpleNamespace(Device=lambda index: Context(f"device {index}"), Stream=types.SimpleNamespace(from_external=from_external)),
+        cuda=types.SimpleNamespace(
+            Device=lambda index: Context(f"device {index}"), Stream=types.SimpleNamespace(from_external=from_external)
+        ),
         from_dlpack=from_dlpack,
     )
     monkeypatch.setitem(sys.modules, "cupy", fake)

@@ -14,8 +14,8 @@ with NVRTC for that device's architecture and caches the binary on disk) and loo
 one function, both cached with functools.lru_cache: a kernel is compiled once per
 (device, source) and looked up once per (device, dtype, name).
 
-`compile_all_for_check(arch)` compiles every source with NVRTC alone, which needs no GPU
-and no driver; the tests use it to make sure the sources build for each architecture.
+The NVRTC compile check of the tests (tests/cuda_nvrtc_check.py) compiles `source(name)` of
+every file and `module_source()` with NVRTC alone, which needs no GPU, no driver and no CuPy.
 """
 
 from __future__ import annotations
@@ -25,6 +25,24 @@ import re
 from importlib import resources
 
 import torch
+
+__all__ = [
+    "HEADER",
+    "KERNEL_PACKAGE",
+    "OPTIONS",
+    "SOURCES",
+    "SUFFIXES",
+    "TYPED",
+    "UNTYPED",
+    "constants",
+    "kernel",
+    "kernel_names",
+    "module",
+    "module_source",
+    "read_text",
+    "source",
+    "typed_name",
+]
 
 KERNEL_PACKAGE = "spn.cuda.kernels"
 HEADER = "common.cuh"
@@ -61,7 +79,8 @@ def source(filename: str) -> str:
     def inline(match: re.Match) -> str:
         if match.group(1) != HEADER:
             raise ValueError(f"{filename} includes {match.group(1)!r}; the kernels may only include {HEADER!r}")
-        return f'#line 1 "{HEADER}"\n{read_text(HEADER)}\n#line {match.string.count(chr(10), 0, match.start()) + 2} "{filename}"'
+        next_line = match.string.count("\n", 0, match.start()) + 2  # the line after the #include
+        return f'#line 1 "{HEADER}"\n{read_text(HEADER)}\n#line {next_line} "{filename}"'
 
     return _INCLUDE.sub(inline, read_text(filename))
 
@@ -81,7 +100,7 @@ def kernel_names(filename: str | None = None) -> tuple[str, ...]:
     return tuple(names)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def constants() -> dict[str, int]:
     """The block shape of common.cuh (`constexpr int SP_... = n;`), as the launches must use it."""
     found = {name: int(value) for name, value in _CONSTANT.findall(read_text(HEADER))}
@@ -101,7 +120,7 @@ def typed_name(base: str, dtype: torch.dtype) -> str:
     return name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def module(device_index: int):
     """The CuPy RawModule of all kernels for one device (compiled on first use, then cached)."""
     import cupy
@@ -110,7 +129,7 @@ def module(device_index: int):
         return cupy.RawModule(code=module_source(), options=OPTIONS)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def kernel(device_index: int, name: str):
     """One compiled kernel (a cupy.RawKernel) of the module for `device_index`."""
     if name not in kernel_names():
@@ -120,30 +139,3 @@ def kernel(device_index: int, name: str):
     with cupy.cuda.Device(device_index):
         return module(device_index).get_function(name)
 
-
-def compile_all_for_check(arch: str = "compute_90") -> dict[str, str]:
-    """Compile every source, and all of them together, with NVRTC for `arch`; return the PTX.
-
-    Needs the NVRTC library (the nvidia-cuda-nvrtc wheel that CuPy loads), not a GPU or a
-    driver. Raises RuntimeError with NVRTC's log when a source does not compile.
-
-    Returns:
-        {filename: ptx} for each .cu file and for "<module>", the sources compiled together.
-    """
-    from cupy_backends.cuda.libs import nvrtc
-
-    units = {filename: source(filename) for filename in SOURCES}
-    units["<module>"] = module_source()
-    ptx: dict[str, str] = {}
-    for filename, code in units.items():
-        program = nvrtc.createProgram(code, filename, [], [])
-        try:
-            try:
-                nvrtc.compileProgram(program, [f"-arch={arch}", *OPTIONS])
-            except nvrtc.NVRTCError as error:
-                raise RuntimeError(f"NVRTC could not compile {filename} for {arch}:\n{nvrtc.getProgramLog(program)}") from error
-            text = nvrtc.getPTX(program)
-        finally:
-            nvrtc.destroyProgram(program)
-        ptx[filename] = text.decode("utf-8").rstrip("\x00") if isinstance(text, bytes) else str(text)
-    return ptx
