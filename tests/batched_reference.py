@@ -26,6 +26,6 @@ def reference_grad(u, g, eps, iterations, tolerance, detach):
     return np.stack(
         [
             ref_backward.soft_proposal_vjp(image, grad, eps, iterations, detach=detach, tolerance=tolerance)
-            for image, grad in zip(u.detach().double().cpu().numpy(), g.double().cpu().numpy())
+            for image, grad in zip(u.detach().double().cpu().numpy(), g.double().cpu().numpy(), strict=True)
         ]
     )

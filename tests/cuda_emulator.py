@@ -1,29 +1,40 @@
 """Run the CUDA kernels of spn/cuda/kernels on the CPU, for tests on machines without a GPU.
 
-The .cu sources are compiled unchanged as C++ (g++) after a small header that maps the
-CUDA keywords onto fibers: a launch runs the grid's blocks one after another, and each
-CUDA thread of a block is a fiber (ucontext) that runs until its next `__syncthreads()`;
-`__shared__` variables become function statics, shared by the threads of the running
-block. At every barrier the emulator checks that all threads of the block reached the
-same `__syncthreads()` (not another one, nor the end of the kernel), and it resumes the
-threads in a different order each time (forward, backward, pseudo-random), so a missing
-barrier shows up as a wrong result. Launches go through the same argument lists as on
-the GPU, checked against the kernel's C signature (pointer element types and constness,
-int vs long long vs double), and every array is surrounded by guard cells (a NaN with a
-recognisable payload) that must be intact after the launch: a kernel that writes out of
-bounds fails, one that reads out of bounds sees NaN.
+A test tool, not part of the package. The .cu sources are compiled unchanged as C++ (g++)
+after a small header that maps the CUDA keywords onto fibers: a launch runs the grid's
+blocks one after another, and each CUDA thread of a block is a fiber (ucontext) that runs
+until its next `__syncthreads()`; `__shared__` variables become function statics, shared
+by the threads of the running block. At every barrier the emulator checks that all threads
+of the block reached the same `__syncthreads()` (not another one, nor the end of the
+kernel), and it resumes the threads in a different order each time (forward, backward,
+pseudo-random), so a missing barrier shows up as a wrong result. Launches go through the
+same argument lists as on the GPU, checked against the kernel's C signature (pointer
+element types and constness, int vs long long vs double), and every array is surrounded by
+guard cells (a NaN with a recognisable payload) that must be intact after the launch: a
+kernel that writes out of bounds fails, one that reads out of bounds sees NaN.
+
+Thread order. An `Emulator` has a seed; its i-th launch shuffles threads with a seed made
+from (emulator seed, i) alone, so the orders a test sees depend on nothing that ran before
+it. The tests make one emulator per test, seeded from the test's node id (`seed_for`), so a
+failure reproduces under `pytest -k`; $SPN_EMULATOR_SEED, when set, is mixed into every
+test's seed, to try other orders. Each launch is recorded as a `Launch` (name, grid, block,
+seed, and a digest of every thread order it used) in `Emulator.launches`, which keeps the
+last `keep` launches only (and a fresh emulator per test starts empty).
 
 What this does not check: warp-level behaviour (the kernels use none), real concurrency
 within a block (threads only interleave at barriers), memory coalescing, register or
 shared-memory limits, timing, and anything about CuPy, DLPack or streams. It is a test
 of the arithmetic, the indexing, the block synchronisation and the launch plan.
 
-    from spn.cuda import emulate, function
-    v, m, converged = function.soft_proposal(u, eps, None, 0.0, True, emulate.EmulatedLauncher)
+    from cuda_emulator import Emulator
+    from spn.cuda import function
+    emulator = Emulator(seed=1)
+    v, m, converged = function.soft_proposal(u, eps, None, 0.0, True, emulator.make_launcher)
 """
 
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import hashlib
@@ -32,11 +43,16 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from . import compile as _compile
+from spn.cuda import compile as _compile
+
+__all__ = ["ENV_SEED", "Emulator", "Launch", "compiler", "launch_seed", "library", "seed_for", "signature"]
+
+ENV_SEED = "SPN_EMULATOR_SEED"
 
 _SHIM = r"""
 #include <cmath>
@@ -120,8 +136,9 @@ template <typename... A> void invoke(void (*f)(A...), void** params) {
 
 struct Entry { const char* name; void (*call)(void**); std::string (*sig)(); };
 
-// Runs one block; returns an empty string or what went wrong.
-static std::string run_block(unsigned threads, unsigned long long& seed) {
+// Runs one block; returns an empty string or what went wrong. Every order in which the
+// threads were resumed is folded into `trace` (FNV-1a over the thread indices).
+static std::string run_block(unsigned threads, unsigned long long& seed, unsigned long long& trace) {
     for (unsigned t = 0; t < threads; ++t) {
         getcontext(&fibers[t]);
         fibers[t].uc_stack.ss_sp = stacks[t].data();
@@ -142,6 +159,7 @@ static std::string run_block(unsigned threads, unsigned long long& seed) {
             }
         }
         for (unsigned t : order) {
+            trace = (trace ^ t) * 1099511628211ULL;
             if (tags[t] == -1) continue;
             current = (int)t;
             threadIdx = dim3{t % blockDim.x, (t / blockDim.x) % blockDim.y, t / (blockDim.x * blockDim.y)};
@@ -188,7 +206,8 @@ extern "C" int emu_signature(const char* name, char* out, int size) {
 }
 
 extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by,
-                          unsigned bz, void** params, unsigned long long seed, char* error, int size) {
+                          unsigned bz, void** params, unsigned long long seed, unsigned long long* trace,
+                          char* error, int size) {
     const emu::Entry* e = emu_find(name);
     if (!e) { std::snprintf(error, size, "no kernel %s", name); return 1; }
     const unsigned long long threads = (unsigned long long)bx * by * bz;
@@ -207,11 +226,12 @@ extern "C" int emu_launch(const char* name, unsigned gx, unsigned gy, unsigned g
     emu::kernel_params = params;
     seed = seed * 2862933555777941757ULL + 3037000493ULL;
     if (seed == 0) seed = 88172645463325252ULL;
+    *trace = 14695981039346656037ULL;
     for (unsigned z = 0; z < gz; ++z)
         for (unsigned y = 0; y < gy; ++y)
             for (unsigned x = 0; x < gx; ++x) {
                 blockIdx = dim3{x, y, z};
-                const std::string problem = emu::run_block((unsigned)threads, seed);
+                const std::string problem = emu::run_block((unsigned)threads, seed, *trace);
                 if (!problem.empty()) {
                     std::snprintf(error, size, "%s, block (%u, %u, %u): %s", name, x, y, z, problem.c_str());
                     return 1;
@@ -246,7 +266,7 @@ def _harness_source() -> str:
     return _SHIM + _compile.module_source() + _HARNESS.replace("@ENTRIES@", entries)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def library() -> ctypes.CDLL:
     """Compile (once, cached in the temporary directory by source hash) and load the emulator."""
     cxx = compiler()
@@ -269,13 +289,13 @@ def library() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.emu_launch.restype = ctypes.c_int
     lib.emu_launch.argtypes = [ctypes.c_char_p, *([ctypes.c_uint] * 6), ctypes.POINTER(ctypes.c_void_p),
-                               ctypes.c_ulonglong, ctypes.c_char_p, ctypes.c_int]
+                               ctypes.c_ulonglong, ctypes.POINTER(ctypes.c_ulonglong), ctypes.c_char_p, ctypes.c_int]
     lib.emu_signature.restype = ctypes.c_int
     lib.emu_signature.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int]
     return lib
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def signature(name: str) -> str:
     """The kernel's parameters, one letter each: F/D/I pointer to float/double/int,
     A/B/J pointer to const float/double/int, i int, l long long, d double, f float."""
@@ -285,28 +305,69 @@ def signature(name: str) -> str:
     return out.value.decode()
 
 
-class EmulatedLauncher:
-    """A launcher (see spn/cuda/function.py) that runs the kernels on the CPU with checks.
+def _digest(text: str) -> int:
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little")
 
-    `launches` records (name, grid, block) of every launch, for tests of the launch plan.
+
+def seed_for(node_id: str, salt: str | None = None) -> int:
+    """The emulator seed of a test, from its pytest node id (and $SPN_EMULATOR_SEED, if set).
+
+    The node id is relative to the rootdir ("tests/test_cuda_emulated.py::test_x[param]"), so
+    a test gets the same seed alone (`pytest -k`), in its file or in the whole suite."""
+    salt = os.environ.get(ENV_SEED, "") if salt is None else salt
+    return _digest(f"{salt}|{node_id}")
+
+
+def launch_seed(seed: int, index: int) -> int:
+    """The thread-order seed of the `index`-th launch (from 0) of an emulator seeded `seed`."""
+    return _digest(f"{seed}/{index}")
+
+
+class Launch(NamedTuple):
+    """One emulated launch: its number (from 0) among the emulator's launches, what was launched,
+    the seed of its thread orders, and `order`, a digest of every order in which the threads
+    of every block were resumed."""
+
+    number: int
+    name: str
+    grid: tuple
+    block: tuple
+    seed: int
+    order: int
+
+
+class Emulator:
+    """Runs the kernels on the CPU with checks; a launcher for spn/cuda/function.py.
+
+    `make_launcher` is what `function.soft_proposal` takes (a launcher factory); `launch` is
+    the launcher itself, `launch(name, grid, block, *args)`. The i-th launch's thread order
+    comes from `launch_seed(seed, i)`. `launches` holds the last `keep` launches (a deque).
     """
 
-    launches: list[tuple[str, tuple, tuple]] = []
-
-    def __init__(self, device: torch.device | None = None):
-        if device is not None and torch.device(device).type != "cpu":
-            raise ValueError("the emulator runs on CPU tensors")
+    def __init__(self, seed: int, keep: int = 10_000):
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"the seed must be an int >= 0, got {seed!r}")
+        self.seed = seed
+        self.count = 0  # launches that reached the emulator, including those it refused
+        self.launches: collections.deque[Launch] = collections.deque(maxlen=keep)
         self.lib = library()
 
-    def __call__(self, name: str, grid, block, *args) -> None:
+    def make_launcher(self, device: torch.device | str | None = None):
+        """The launcher for tensors on `device` (CPU only): this emulator's `launch`."""
+        if device is not None and torch.device(device).type != "cpu":
+            raise ValueError("the emulator runs on CPU tensors")
+        return self.launch
+
+    def launch(self, name: str, grid, block, *args) -> None:
         grid, block = tuple(grid), tuple(block)
         if len(grid) != 3 or len(block) != 3:
             raise ValueError(f"{name}: grid and block must be 3-tuples, got {grid}, {block}")
         sig = signature(name)
         if len(args) != len(sig):
             raise TypeError(f"{name} takes {len(sig)} arguments ({sig}), got {len(args)}")
-        values, buffers, storages = [], [], set()
-        for position, (kind, arg) in enumerate(zip(sig, args)):
+        values: list = []
+        buffers, storages = [], set()
+        for position, (kind, arg) in enumerate(zip(sig, args, strict=True)):
             where = f"{name} argument {position}"
             if kind in _POINTER or kind in _CONST_POINTER:
                 dtype = _POINTER.get(kind) or _CONST_POINTER[kind]
@@ -333,15 +394,19 @@ class EmulatedLauncher:
                 if type(arg) is not numpy_type:
                     raise TypeError(f"{where} must be {numpy_type.__name__}, got {type(arg).__name__}")
                 values.append(c_type(arg))
-        params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values])
+        pointers = [ctypes.cast(ctypes.pointer(v), ctypes.c_void_p) for v in values]
+        params = (ctypes.c_void_p * max(1, len(values)))(*pointers)
         error = ctypes.create_string_buffer(1024)
-        EmulatedLauncher.launches.append((name, grid, block))
-        seed = len(EmulatedLauncher.launches)  # a different thread order in every launch, reproducibly
-        if self.lib.emu_launch(name.encode(), *grid, *block, params, seed, error, len(error)) != 0:
+        number, seed = self.count, launch_seed(self.seed, self.count)
+        self.count += 1
+        trace = ctypes.c_ulonglong(0)
+        if self.lib.emu_launch(name.encode(), *grid, *block, params, seed, ctypes.byref(trace), error, len(error)) != 0:
             raise RuntimeError(f"emulated launch failed: {error.value.decode()}")
+        self.launches.append(Launch(number, name, grid, block, seed, trace.value))
         for arg, guarded, pattern, where, writable in buffers:
             bits = guarded.view(_BITS_VIEW[arg.dtype])
-            if not (torch.equal(bits[:_GUARD], pattern[:_GUARD]) and torch.equal(bits[_GUARD + arg.numel():], pattern[_GUARD:])):
+            before, after = bits[:_GUARD], bits[_GUARD + arg.numel():]
+            if not (torch.equal(before, pattern[:_GUARD]) and torch.equal(after, pattern[_GUARD:])):
                 raise RuntimeError(f"{where}: the kernel wrote outside the array")
             if writable:  # inputs are not written to: their version counters stay as they are
                 arg.view(-1).copy_(guarded[_GUARD:_GUARD + arg.numel()])

@@ -15,10 +15,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import spn
+from batched_reference import reference_grad, reference_map
+from cuda_plain_float32 import plain_float32_soft_proposal
 from spn import cuda
 from spn.functional import torch_soft_proposal
-
-from batched_reference import reference_grad, reference_map  # noqa: E402
 
 requires_gpu = pytest.mark.skipif(not cuda.is_available(), reason="needs CuPy and a CUDA device")
 
@@ -65,7 +65,9 @@ def as_numpy(t):
     mode=st.sampled_from(MODES),
     detach=st.booleans(),
 )
-def test_property_float64_matches_the_reference_and_the_torch_path(batch, channels, height, width, eps, seed, mode, detach):
+def test_property_float64_matches_the_reference_and_the_torch_path(
+    batch, channels, height, width, eps, seed, mode, detach
+):
     iterations, tolerance = mode
     generator = torch.Generator().manual_seed(seed)
     u = torch.randn(batch, channels, height, width, dtype=torch.float64, generator=generator).to(DEVICE)
@@ -96,31 +98,35 @@ def test_several_tiles_and_chunks_match_the_torch_path(shape, iterations, tolera
     if iterations is not None:
         assert torch.equal(mine[2], theirs[2])
     for detach in (True, False):
-        a = grad_of(lambda x: cupy_run(x, eps, iterations, tolerance, detach), u, g)
-        b = grad_of(lambda x: torch_run(x, eps, iterations, tolerance, detach), u, g)
+        a = grad_of(lambda x, detach=detach: cupy_run(x, eps, iterations, tolerance, detach), u, g)
+        b = grad_of(lambda x, detach=detach: torch_run(x, eps, iterations, tolerance, detach), u, g)
         torch.testing.assert_close(a, b, rtol=0, atol=TIGHT * max(1.0, b.abs().max().item()))
 
 
 @gpu
 @pytest.mark.parametrize(("iterations", "tolerance"), MODES)
-def test_float32_error_is_at_most_twice_the_torch_paths(iterations, tolerance):
-    """Against the float64 reference, the kernels' float32 error stays within 2x the
-    torch path's (which computes in float64 and rounds) plus a few units in the last place."""
+def test_float32_error_is_at_most_twice_plain_float32s(iterations, tolerance):
+    """flash-attention's rule: against the float64 reference (which sees the same float32
+    inputs), the kernels' float32 error, of the map and of the exact gradient, is at most
+    twice that of a plain float32 evaluation of the same formula (tests/cuda_plain_float32.py),
+    plus one unit in the last place of the largest value. The offset of 100 makes distances
+    by a matrix product (|a|^2 + |c|^2 - 2 a.c) lose digits that direct differences keep."""
     torch.manual_seed(0)
-    u64 = torch.randn(3, 48, 12, 12, dtype=torch.float64) * 2 + 5
-    u = u64.float().to(DEVICE)
+    u = (torch.randn(3, 48, 12, 12, dtype=torch.float64) * 2 + 100).float().to(DEVICE)
     g = torch.randn(3, 48, 12, 12).to(DEVICE)
     eps = spn.default_epsilon(12, 12)
     expected, _ = reference_map(u, eps, iterations, tolerance)
     mine = as_numpy(cupy_run(u, eps, iterations, tolerance)[1]).reshape(3, -1)
-    theirs = as_numpy(torch_run(u, eps, iterations, tolerance)[1]).reshape(3, -1)
-    floor = 4 * 2.0**-24 * np.abs(expected).max()
-    assert np.abs(mine - expected).max() <= 2 * np.abs(theirs - expected).max() + floor
+    plain = as_numpy(plain_float32_soft_proposal(u, eps, iterations, tolerance)[1]).reshape(3, -1)
+    mine_error, plain_error = np.abs(mine - expected).max(), np.abs(plain - expected).max()
+    assert plain_error > 0  # a plain float32 evaluation does round: the bound is not the floor alone
+    assert mine_error <= 2 * plain_error + 2.0**-24 * np.abs(expected).max(), (mine_error, plain_error)
     ref = reference_grad(u, g, eps, iterations, tolerance, False)
     mine = as_numpy(grad_of(lambda x: cupy_run(x, eps, iterations, tolerance, False), u, g))
-    theirs = as_numpy(grad_of(lambda x: torch_run(x, eps, iterations, tolerance, False), u, g))
-    floor = 64 * 2.0**-24 * np.abs(ref).max()
-    assert np.abs(mine - ref).max() <= 2 * np.abs(theirs - ref).max() + floor
+    plain = as_numpy(grad_of(lambda x: plain_float32_soft_proposal(x, eps, iterations, tolerance), u, g))
+    mine_error, plain_error = np.abs(mine - ref).max(), np.abs(plain - ref).max()
+    assert plain_error > 0
+    assert mine_error <= 2 * plain_error + 2.0**-24 * np.abs(ref).max(), (mine_error, plain_error)
 
 
 @gpu
@@ -176,7 +182,7 @@ def test_small_maps_and_channel_counts(shape, iterations, detach):
     u = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     g = torch.randn(shape, dtype=torch.float64, device=DEVICE)
     mine, theirs = cupy_run(u, 1.0, iterations), torch_run(u, 1.0, iterations)
-    for a, b in zip(mine[:2], theirs[:2]):
+    for a, b in zip(mine[:2], theirs[:2], strict=True):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=0, atol=TIGHT)
     a = grad_of(lambda x: cupy_run(x, 1.0, iterations, 0.0, detach), u, g)
@@ -226,7 +232,7 @@ def test_half_precision_is_computed_in_float32(dtype):
     assert coupled.dtype == proposal.dtype == dtype
     assert torch.equal(proposal, cupy_run(x.detach().float(), spn.default_epsilon(7, 7))[1].to(dtype))
     coupled.float().sum().backward()
-    assert x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
+    assert x.grad is not None and x.grad.dtype == dtype and torch.isfinite(x.grad.float()).all()
 
 
 @gpu
@@ -259,11 +265,11 @@ def test_non_default_stream_is_followed(iterations, tolerance):
         x = target.clone().requires_grad_(True)
         (cupy_run(x, 2.0, iterations, tolerance, False)[0].sum()).backward()
     side.synchronize()
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         if a is not None:
             assert torch.equal(a, b)
     reference = grad_of(lambda y: cupy_run(y, 2.0, iterations, tolerance, False), u, torch.ones_like(u))
-    assert torch.equal(x.grad, reference)
+    assert x.grad is not None and torch.equal(x.grad, reference)
 
 
 @gpu
@@ -302,8 +308,8 @@ def test_results_are_deterministic():
     u = torch.randn(3, 32, 20, 20, device=DEVICE)
     g = torch.randn_like(u)
     for iterations in (None, 5):
-        first = grad_of(lambda x: cupy_run(x, 3.0, iterations, 0.0, False), u, g)
-        second = grad_of(lambda x: cupy_run(x, 3.0, iterations, 0.0, False), u, g)
+        first = grad_of(lambda x, it=iterations: cupy_run(x, 3.0, it, 0.0, False), u, g)
+        second = grad_of(lambda x, it=iterations: cupy_run(x, 3.0, it, 0.0, False), u, g)
         assert torch.equal(first, second)
 
 

@@ -21,9 +21,9 @@ Everything that is summed over locations is double whatever the input type; floa
 bfloat16 inputs are computed in float32 (see `soft_proposal`).
 
 The launches go through a *launcher*, `launcher(name, grid, block, *args)`: `CupyLauncher`
-runs the compiled kernels on the GPU; spn/cuda/emulate.py runs the very same CUDA sources
-on the CPU (one fiber per CUDA thread), which is how the tests check this file and
-the kernels on a machine without a GPU.
+runs the compiled kernels on the GPU; the tests' emulator (tests/cuda_emulator.py) runs the
+very same CUDA sources on the CPU (one fiber per CUDA thread), which is how the tests check
+this file and the kernels on a machine without a GPU.
 """
 
 from __future__ import annotations
@@ -37,8 +37,11 @@ from torch.autograd.function import once_differentiable
 
 from . import compile as _compile
 
-_GRID_YZ_LIMIT = 65535  # the hardware's limit of gridDim.y and gridDim.z
-_MAX_GRID_YZ = _GRID_YZ_LIMIT  # images per grid dimension; the kernels loop over the images beyond it
+__all__ = ["CupyLauncher", "Launcher", "SoftProposalFunction", "check_sizes", "inverse_width", "soft_proposal"]
+
+# The hardware's limit of gridDim.y and gridDim.z: images per grid dimension (the kernels
+# loop over the images beyond it), and tiles per side of the k-step mode's n x n grid.
+_GRID_YZ_LIMIT = 65535
 _MAX_GRID_X = 1 << 20  # blocks of the 1-D kernels; their grid-stride loops cover the rest
 _INT32_MAX = 2**31 - 1
 _HALF = (torch.float16, torch.bfloat16)
@@ -58,8 +61,15 @@ def _i32(value: int) -> np.int32:
     return np.int32(value)
 
 
-def _blocks(total: int, threads: int, limit: int = _MAX_GRID_X) -> int:
-    return max(1, min(limit, -(-total // threads)))
+def _blocks(total: int, threads: int, limit: int | None = None) -> int:
+    """Blocks of `threads` for `total` items, at most `limit` (default _MAX_GRID_X, read at call time)."""
+    return max(1, min(_MAX_GRID_X if limit is None else limit, -(-total // threads)))
+
+
+def _tiles(n: int) -> int:
+    """Tiles of SP_TILE locations for n locations: the x grid of the tile kernels, which do not
+    loop over tiles (n <= 2^31 - 1 keeps it below the hardware's 2^31 - 1 blocks)."""
+    return max(1, -(-n // _compile.constants()["SP_TILE"]))
 
 
 def check_sizes(batch: int, channels: int, n: int, iterations: int | None) -> None:
@@ -68,8 +78,7 @@ def check_sizes(batch: int, channels: int, n: int, iterations: int | None) -> No
         if value > _INT32_MAX:
             raise ValueError(f"backend='cupy' takes {name} up to 2^31 - 1, got {value}; use backend='torch'")
     if iterations is not None:
-        tiles = -(-n // _compile.constants()["SP_TILE"])
-        if tiles > _GRID_YZ_LIMIT:
+        if _tiles(n) > _GRID_YZ_LIMIT:
             raise ValueError(f"the k-step mode builds an n x n matrix; H * W = {n} is too large for it")
         if iterations + 1 > _INT32_MAX:
             raise ValueError(f"iterations must be below 2^31 - 1, got {iterations}")
@@ -137,7 +146,7 @@ def _degrees(launch: Launcher, u: torch.Tensor, inv_width: float) -> torch.Tenso
     if channels > 0:  # K == 0: every distance is 0, so is every degree
         launch(
             _compile.typed_name("sp_degree", u.dtype),
-            (_blocks(n, c["SP_TILE"]), min(batch, _MAX_GRID_YZ), 1),
+            (_tiles(n), min(batch, _GRID_YZ_LIMIT), 1),
             (c["SP_TX"], c["SP_TY"], 1),
             u, deg, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
         )
@@ -161,12 +170,12 @@ def _transfer(launch: Launcher, u: torch.Tensor, inv_width: float) -> tuple[torc
     c = _compile.constants()
     batch, channels, height, width = u.shape
     n = height * width
-    tiles = -(-n // c["SP_TILE"])  # at most _GRID_YZ_LIMIT: see check_sizes
+    tiles = _tiles(n)  # at most _GRID_YZ_LIMIT: see check_sizes
     if channels > 0:
         transfer = torch.empty((batch, n, n), dtype=torch.float64, device=u.device)
         launch(
             _compile.typed_name("sp_weights", u.dtype),
-            (tiles, tiles, min(batch, _MAX_GRID_YZ)),
+            (tiles, tiles, min(batch, _GRID_YZ_LIMIT)),
             (c["SP_TX"], c["SP_TY"], 1),
             u, transfer, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
         )
@@ -198,7 +207,7 @@ def _walk(launch: Launcher, transfer: torch.Tensor, iterations: int, tolerance: 
     for t in range(iterations):
         launch(
             "sp_walk_matvec",
-            (_blocks(n, c["SP_ROWS"], _INT32_MAX), min(batch, _MAX_GRID_YZ), 1),
+            (_blocks(n, c["SP_ROWS"], _INT32_MAX), min(batch, _GRID_YZ_LIMIT), 1),
             (c["SP_LANES"], c["SP_ROWS"], 1),
             transfer, states, raw, _i32(batch), _i32(n), stride, _i32(t),
         )
@@ -214,7 +223,7 @@ def _walk(launch: Launcher, transfer: torch.Tensor, iterations: int, tolerance: 
 def _couple(launch: Launcher, x: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """x * m per channel, in the input type: (B, K, H, W) x (B, H, W)."""
     c = _compile.constants()
-    batch, channels, height, width = x.shape
+    _, channels, height, width = x.shape
     out = torch.empty_like(x, memory_format=torch.contiguous_format)
     total = x.numel()
     if total > 0:
@@ -270,7 +279,7 @@ def _distance_vjp(launch: Launcher, u: torch.Tensor, coefficients: torch.Tensor,
     base = "sp_distance_vjp_pairs" if coefficients.dim() == 3 else "sp_distance_vjp"
     launch(
         _compile.typed_name(base, u.dtype),
-        (_blocks(n, c["SP_TILE"]), min(batch, _MAX_GRID_YZ), 1),
+        (_tiles(n), min(batch, _GRID_YZ_LIMIT), 1),
         (c["SP_TX"], c["SP_TY"], 1),
         u, coefficients, acc, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
     )
@@ -376,7 +385,7 @@ def soft_proposal(features: torch.Tensor, epsilon: float, iterations, tolerance:
                   make_launcher: Callable[[torch.device], Launcher]):
     """(coupled, proposal, converged or None) as spn.functional.torch_soft_proposal, through
     `SoftProposalFunction` with the given launcher. float16 and bfloat16 are computed in float32."""
-    batch, channels, height, width = features.shape
+    batch, _, height, width = features.shape
     if batch == 0:
         proposal = features.new_empty((0, height, width))
         converged = None if iterations is None else torch.zeros(0, dtype=torch.bool, device=features.device)
