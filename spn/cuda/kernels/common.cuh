@@ -10,9 +10,9 @@
 // * every __syncthreads() is reached by all threads of the block (loop bounds that contain
 //   one depend only on blockIdx and kernel arguments, never on threadIdx).
 //
-// spn/cuda/compile.py inlines this header where a .cu file includes it, and
-// spn/cuda/function.py reads the `constexpr int SP_...` lines below to size its launches:
-// keep them in the form `constexpr int NAME = number;`.
+// spn/cuda/compile.py inlines this header where a .cu file includes it, and reads the
+// `constexpr int SP_...` lines below (`constants()`), from which spn/cuda/function.py sizes
+// its launches: keep them in the form `constexpr int NAME = number;`.
 
 #ifndef SPN_COMMON_CUH
 #define SPN_COMMON_CUH
