@@ -273,7 +273,7 @@ def test_network_maps_default_to_image_size():
     logits, maps, proposal = net.forward_with_maps(images, classes=torch.tensor([1, 3]))
     assert maps.shape == (2, 32, 48) and proposal.shape == (2, 8, 12)
     torch.testing.assert_close(logits, net(images))
-    small = net.forward_with_maps(images, classes="all", upsample=False).maps
+    small = net.forward_with_maps(images, classes="all", size=None).maps
     assert small.shape == (2, 4, 8, 12)
     torch.testing.assert_close(small.sum(dim=(2, 3)) + net.head.classifier.bias, logits)
     assert net.forward_with_maps(images, classes=top_k(2)).maps.shape == (2, 2, 32, 48)
@@ -327,3 +327,18 @@ def test_small_networks_train(constructor):
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.6 * losses[0], losses
+
+
+def test_forward_with_maps_size_is_the_one_name_for_the_output_size():
+    torch.manual_seed(0)
+    net = small_cam(num_classes=3).eval()
+    images = torch.rand(2, 3, 32, 24)
+    with torch.no_grad():
+        assert net.forward_with_maps(images).maps.shape == (2, 32, 24)  # "image": the images' size
+        assert net.forward_with_maps(images, size=(10, 7)).maps.shape == (2, 10, 7)
+        features = net.forward_with_maps(images, size=None).maps
+        assert features.shape[-2:] == net.backbone(images).shape[-2:]  # feature resolution
+        with pytest.raises(ValueError, match="'image' or None"):
+            net.forward_with_maps(images, size="full")
+        with pytest.raises(ValueError, match="two positive integers"):
+            net.forward_with_maps(images, size=(0, 4))

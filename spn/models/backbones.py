@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import nn
 
+__all__ = ["VGG16_CONFIG", "SmallBackbone", "VGG16Backbone", "load_vgg16_features"]
+
 VGG16_CONFIG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
 """VGG16's conv layers ("M": 2x2 max pool) up to conv5_3, without the final pool."""
 

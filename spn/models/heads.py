@@ -18,6 +18,8 @@ from torch import nn
 from ..modules import SoftProposal, SpatialSumPool
 from .maps import ClassSpec, class_response_maps, resolve_classes, upsample_maps
 
+__all__ = ["CAMHead", "HeadOutput", "HeadState", "SPNHead", "WSOLHead"]
+
 SOFT_PROPOSAL_OPTIONS = ("epsilon", "iterations", "tolerance", "detach", "backend")
 
 

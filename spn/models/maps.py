@@ -15,6 +15,8 @@ import torch.nn.functional as F
 
 from spn._convert import check_size
 
+__all__ = ["ClassSelector", "ClassSpec", "class_response_maps", "resolve_classes", "top_k", "upsample_maps"]
+
 ClassSelector = Callable[[torch.Tensor], torch.Tensor]
 ClassSpec = Literal["all", "predicted"] | torch.Tensor | ClassSelector
 """Which classes to map: ``"all"``, ``"predicted"`` (argmax of the logits), a LongTensor of

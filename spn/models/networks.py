@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
+from spn._convert import check_size
+
 from .backbones import SmallBackbone, VGG16Backbone, load_vgg16_features
 from .heads import CAMHead, HeadOutput, SPNHead, WSOLHead
 from .maps import ClassSpec
+
+__all__ = ["Network", "small_cam", "small_sp", "vgg16_cam", "vgg16_sp"]
 
 
 class Network(nn.Module):
@@ -50,7 +54,10 @@ class Network(nn.Module):
         return self.head(self.backbone(images))
 
     def forward_with_maps(
-        self, images: torch.Tensor, classes: ClassSpec = "predicted", upsample: bool = True
+        self,
+        images: torch.Tensor,
+        classes: ClassSpec = "predicted",
+        size: Sequence[int] | Literal["image"] | None = "image",
     ) -> HeadOutput:
         """Logits, class response maps and proposal from one forward pass.
 
@@ -58,14 +65,18 @@ class Network(nn.Module):
             images: (B, 3, H, W).
             classes: which classes to map; see `WSOLHead.forward_with_maps` (``"predicted"``,
                 ``"all"``, a LongTensor (B,) or (B, k), or ``spn.models.top_k(k)``).
-            upsample: resize the maps to (H, W) (bilinear, align_corners=False); False keeps
-                the feature resolution (h, w).
+            size: the size ``(H, W)`` to resize the maps to (bilinear, align_corners=False):
+                ``"image"`` (default) the images' size, None the feature resolution (h, w).
 
         Returns:
             `HeadOutput` (logits (B, N), maps, proposal (B, h, w) or None).
         """
-        size = tuple(images.shape[-2:]) if upsample else None
-        return self.head.forward_with_maps(self.backbone(images), classes=classes, size=size)
+        if isinstance(size, str):
+            if size != "image":
+                raise ValueError(f"size must be (H, W), 'image' or None, got {size!r}")
+            size = (int(images.shape[-2]), int(images.shape[-1]))
+        target = None if size is None else check_size(size)
+        return self.head.forward_with_maps(self.backbone(images), classes=classes, size=target)
 
 
 def _vgg16_backbone(backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None) -> VGG16Backbone:
