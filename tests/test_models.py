@@ -342,3 +342,17 @@ def test_forward_with_maps_size_is_the_one_name_for_the_output_size():
             net.forward_with_maps(images, size="full")
         with pytest.raises(ValueError, match="two positive integers"):
             net.forward_with_maps(images, size=(0, 4))
+
+
+@pytest.mark.parametrize("norm, kind", [("batch", torch.nn.BatchNorm2d), ("group", torch.nn.GroupNorm)])
+def test_small_backbone_norm_option(norm, kind):
+    net = small_sp(num_classes=2, widths=(8, 16), norm=norm)
+    assert any(isinstance(module, kind) for module in net.modules())
+    plain = small_cam(num_classes=2, widths=(8, 16), norm="none")
+    assert not any(isinstance(module, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)) for module in plain.modules())
+    # per-image normalisation: an image's logits do not depend on the rest of its batch
+    group = small_cam(num_classes=2, widths=(8, 16), norm="group").train()
+    images = torch.rand(4, 3, 16, 16)
+    torch.testing.assert_close(group(images)[:1], group(images[:1]))
+    with pytest.raises(ValueError, match="norm must be"):
+        small_sp(num_classes=2, norm="layer")

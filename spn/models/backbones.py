@@ -59,6 +59,14 @@ class VGG16Backbone(nn.Module):
         return self.features(images)
 
 
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    return nn.Identity()
+
+
 def load_vgg16_features(
     model: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike
 ) -> nn.Module:
@@ -129,7 +137,7 @@ def load_vgg16_features(
 
 
 class SmallBackbone(nn.Module):
-    """A small CNN for tests and offline benchmarks: conv3x3-BN-ReLU blocks with 2x2 max
+    """A small CNN for tests and offline benchmarks: conv3x3-norm-ReLU blocks with 2x2 max
     pools after the first log2(output_stride) blocks.
 
     Trains in minutes on a couple of CPU cores on 32..64 px images.
@@ -138,6 +146,10 @@ class SmallBackbone(nn.Module):
         in_channels: image channels.
         widths: output channels of the blocks (default 32, 64, 128, 128).
         output_stride: 1, 2, 4 (default) or 8, ..., at most 2 ** len(widths).
+        norm: ``"batch"`` (default), ``"group"`` (GroupNorm with up to 8 channels a group) or
+            ``"none"``. BatchNorm's statistics couple the images of a batch, so data-parallel
+            training on CPU (where ``SyncBatchNorm`` does not work) differs from one process;
+            GroupNorm and no normalisation are per image, so there the two agree.
 
     Shape:
         - Input: (B, in_channels, H, W)
@@ -148,15 +160,23 @@ class SmallBackbone(nn.Module):
         torch.Size([2, 128, 16, 16])
     """
 
-    def __init__(self, in_channels: int = 3, widths: Sequence[int] = (32, 64, 128, 128), output_stride: int = 4) -> None:
+    def __init__(
+        self,
+        in_channels: int = 3,
+        widths: Sequence[int] = (32, 64, 128, 128),
+        output_stride: int = 4,
+        norm: str = "batch",
+    ) -> None:
         super().__init__()
+        if norm not in ("batch", "group", "none"):
+            raise ValueError(f"norm must be 'batch', 'group' or 'none', got {norm!r}")
         pools = output_stride.bit_length() - 1
         if output_stride < 1 or 2**pools != output_stride or pools > len(widths):
             raise ValueError(f"output_stride must be a power of 2 up to 2 ** {len(widths)}, got {output_stride}")
         layers: list[nn.Module] = []
         channels = in_channels
         for index, width in enumerate(widths):
-            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU()]
+            layers += [nn.Conv2d(channels, width, 3, padding=1, bias=norm == "none"), _norm(norm, width), nn.ReLU()]
             if index < pools:
                 layers.append(nn.MaxPool2d(2))
             channels = width
@@ -169,3 +189,11 @@ class SmallBackbone(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(max(1, channels // 8), channels)
+    return nn.Identity()

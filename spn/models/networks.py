@@ -166,6 +166,7 @@ def small_sp(
     in_channels: int = 3,
     widths: Sequence[int] = (32, 64, 128, 128),
     output_stride: int = 4,
+    norm: str = "batch",
     dropout: float = 0.0,
     proposal_options: Mapping[str, Any] | None = None,
     **soft_proposal_kwargs: Any,
@@ -175,7 +176,7 @@ def small_sp(
     Args:
         num_classes: N.
         num_maps: channels of the head's 3x3 conv (None: no conv).
-        in_channels, widths, output_stride: of the `SmallBackbone`.
+        in_channels, widths, output_stride, norm: of the `SmallBackbone`.
         dropout: dropout before the classifier.
         proposal_options, **soft_proposal_kwargs: SoftProposal options (see `SPNHead`).
 
@@ -183,7 +184,7 @@ def small_sp(
         >>> small_sp(3)(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 3])
     """
-    backbone = SmallBackbone(in_channels, widths, output_stride)
+    backbone = SmallBackbone(in_channels, widths, output_stride, norm)
     head = SPNHead(
         backbone.out_channels,
         num_classes,
@@ -202,6 +203,7 @@ def small_cam(
     in_channels: int = 3,
     widths: Sequence[int] = (32, 64, 128, 128),
     output_stride: int = 4,
+    norm: str = "batch",
     dropout: float = 0.0,
 ) -> Network:
     """The CAM baseline matching `small_sp`: `SmallBackbone` + `CAMHead` with the same
@@ -211,6 +213,6 @@ def small_cam(
         >>> small_cam(3)(torch.rand(2, 3, 32, 32)).shape
         torch.Size([2, 3])
     """
-    backbone = SmallBackbone(in_channels, widths, output_stride)
+    backbone = SmallBackbone(in_channels, widths, output_stride, norm)
     head = CAMHead(backbone.out_channels, num_classes, num_maps, dropout=dropout)
     return Network(backbone, head)
