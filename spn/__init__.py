@@ -5,6 +5,9 @@
     >>> layer = spn.SoftProposal(**spn.RELEASED)            # the released code's options
 """
 
+import importlib as _importlib
+from types import ModuleType as _ModuleType
+
 from .coupling import couple, sum_pool
 from .functional import ConvergenceWarning, soft_proposal
 from .modules import SoftProposal, SpatialSumPool
@@ -12,16 +15,20 @@ from .presets import PAPER, RELEASED, default_epsilon, released_epsilon
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("cuda", "localize", "metrics", "models", "viz")
+# Loaded on first use (`spn.models`, ...), so that `import spn` stays light: it imports torch
+# and NumPy, never SciPy's ndimage, matplotlib, Pillow, OpenCV or CuPy.
+_SUBMODULES = ("cuda", "localize", "metrics", "models", "reference", "viz")
 
 
-def __getattr__(name):
-    # spn.models, spn.metrics, ... load on first use: `import spn` stays light.
+def __getattr__(name: str) -> _ModuleType:
     if name in _SUBMODULES:
-        import importlib
-
-        return importlib.import_module(f"spn.{name}")
+        return _importlib.import_module(f"spn.{name}")
     raise AttributeError(f"module 'spn' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    # the lazily loaded submodules too, so that completion and `dir(spn)` show them
+    return sorted({*globals(), *_SUBMODULES})
 
 
 __all__ = [
