@@ -6,19 +6,50 @@ grey images); every function returns a new ``uint8`` ``(H, W, 3)`` array and lea
 input alone. Boxes are pixel-inclusive ``(x0, y0, x1, y1)`` (x = column, y = row), points
 ``(x, y)``, as everywhere in ``spn``.
 
-matplotlib (colour maps only) and Pillow (drawing, PNG) are imported inside the functions
-that need them, so ``import spn`` imports neither.
+Maps and images may be tensors (any device) or NumPy arrays. A tensor map is resized in
+torch (:func:`spn.models.upsample_maps`) and converted to NumPy once, at the end, by
+:func:`spn._convert.to_numpy`; a NumPy map enters torch through ``torch.from_numpy`` (no copy).
+Sizes are ``size = (H, W)``.
+
+matplotlib (colour maps only) and Pillow (drawing, PNG) come with the ``pictures`` extra
+(``pip install 'spn-wsol[pictures]'``); they are imported inside the functions that need
+them, so ``import spn`` and ``import spn.viz`` import neither, and a missing one raises
+``ModuleNotFoundError`` naming that extra.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-from spn.localize import upsample_maps
+from spn._convert import to_numpy
+from spn.models.maps import upsample_maps
+
+__all__ = [
+    "GT_COLOR",
+    "POINT_COLOR",
+    "PRED_COLOR",
+    "Color",
+    "as_box_rows",
+    "draw_boxes",
+    "draw_points",
+    "map_to_unit",
+    "overlay",
+    "resize_map",
+    "save_png",
+    "show_localization",
+    "to_uint8_image",
+]
+
+PICTURES_EXTRA = "pip install 'spn-wsol[pictures]'"
+_PICTURE_MODULES = ("matplotlib", "PIL")
 
 Color = tuple[int, int, int]
 
@@ -27,7 +58,44 @@ GT_COLOR: Color = (0, 255, 0)
 POINT_COLOR: Color = (255, 255, 0)
 
 
-def to_uint8_image(image) -> np.ndarray:
+@contextlib.contextmanager
+def _pictures_extra(what: str = "spn.viz") -> Iterator[None]:
+    """Turn a missing matplotlib or Pillow into an error that says what to install."""
+    try:
+        yield
+    except ModuleNotFoundError as error:
+        if (error.name or "").split(".")[0] not in _PICTURE_MODULES:
+            raise
+        raise ModuleNotFoundError(
+            f"{what} needs matplotlib and Pillow, and {error.name} is not installed: {PICTURES_EXTRA}",
+            name=error.name,
+        ) from error
+
+
+def _require_pictures(what: str) -> None:
+    """Raise the error of :func:`_pictures_extra` now, before any work, if a picture module is missing."""
+    with _pictures_extra(what):
+        import matplotlib  # noqa: F401
+        import PIL  # noqa: F401
+
+
+def _write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
+    """``write(temporary)`` to a file beside ``path``, then rename it to ``path`` (readers never
+    see a half-written file; a failed write leaves ``path`` as it was)."""
+    path = Path(path)
+    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    temporary = Path(name)
+    try:
+        write(temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def to_uint8_image(image: Any) -> np.ndarray:
     """Return ``image`` as a new ``uint8`` ``(H, W, 3)`` RGB array.
 
     Accepted: ``uint8`` ``(H, W, 3)``; float ``(3, H, W)`` (e.g. a tensor from
@@ -45,7 +113,7 @@ def to_uint8_image(image) -> np.ndarray:
         >>> to_uint8_image(torch.ones(3, 2, 4)).shape
         (2, 4, 3)
     """
-    array = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    array = to_numpy(image)
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     elif array.ndim == 3 and array.shape[0] == 3 and array.shape[2] != 3:
@@ -70,20 +138,36 @@ def map_to_unit(values: np.ndarray) -> np.ndarray:
     return shifted / peak if peak > 0 else np.zeros_like(shifted)
 
 
-def resize_map(response_map, size: Sequence[int]) -> np.ndarray:
-    """One ``(h, w)`` map resized to ``size = (H, W)`` (bilinear), as float64."""
-    array = response_map.detach().cpu().double().numpy() if isinstance(response_map, torch.Tensor) else response_map
-    array = np.asarray(array, dtype=np.float64)
-    if array.ndim != 2:
-        raise ValueError(f"map must have shape (h, w), got shape {array.shape}")
-    if array.shape == tuple(size):
-        if not np.isfinite(array).all():
-            raise ValueError("map contains NaN or infinite values")
-        return array
-    return upsample_maps(array[None], size)[0]
+def resize_map(response_map: Any, size: Sequence[int]) -> np.ndarray:
+    """One ``(h, w)`` map resized to ``size = (H, W)`` (bilinear, ``align_corners=False``), as float64.
+
+    The resizing is :func:`spn.models.upsample_maps` on the map's tensor (on its device); the
+    result is converted to NumPy once.
+
+    Raises:
+        ValueError: the map is not 2-D, or holds NaN or infinite values.
+
+    Example:
+        >>> resize_map(torch.tensor([[1.0, 3.0]]), (1, 4))
+        array([[1. , 1.5, 2.5, 3. ]])
+    """
+    if isinstance(response_map, torch.Tensor):
+        tensor = response_map
+    else:
+        array = np.asarray(response_map)
+        # no copy, except of a read-only array (torch.from_numpy would warn about it)
+        tensor = torch.from_numpy(array if array.flags.writeable else array.copy())
+    if tensor.ndim != 2:
+        raise ValueError(f"map must have shape (h, w), got shape {tuple(tensor.shape)}")
+    if tuple(tensor.shape) != tuple(size):
+        tensor = upsample_maps(tensor[None], size)[0]
+    array = to_numpy(tensor, np.float64)
+    if not np.isfinite(array).all():
+        raise ValueError("map contains NaN or infinite values")
+    return array
 
 
-def overlay(image, response_map, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
+def overlay(image: Any, response_map: Any, cmap: str = "jet", alpha: float = 0.5) -> np.ndarray:
     """Blend a colour-mapped response or proposal map over an image.
 
     The map (any size) is resized bilinearly to the image, min-max scaled to ``[0, 1]``
@@ -104,7 +188,8 @@ def overlay(image, response_map, cmap: str = "jet", alpha: float = 0.5) -> np.nd
         >>> picture.shape, picture.dtype
         ((32, 32, 3), dtype('uint8'))
     """
-    import matplotlib  # lazy: only pictures need it
+    with _pictures_extra():
+        import matplotlib  # lazy: only pictures need it
 
     if not 0.0 <= float(alpha) <= 1.0:
         raise ValueError(f"alpha must lie in [0, 1], got {alpha}")
@@ -115,16 +200,16 @@ def overlay(image, response_map, cmap: str = "jet", alpha: float = 0.5) -> np.nd
     return np.round(np.clip(blended, 0, 255)).astype(np.uint8)
 
 
-def as_box_rows(boxes) -> np.ndarray:
+def as_box_rows(boxes: Any) -> np.ndarray:
     """Boxes as a float64 ``(k, 4)`` array (a single ``(4,)`` box becomes one row)."""
-    array = boxes.detach().cpu().numpy() if isinstance(boxes, torch.Tensor) else np.asarray(boxes, dtype=np.float64)
-    array = np.asarray(array, dtype=np.float64).reshape(-1, 4) if array.size else np.zeros((0, 4))
+    array = to_numpy(boxes, np.float64)
+    array = array.reshape(-1, 4) if array.size else np.zeros((0, 4))
     if ((array[:, 2] < array[:, 0]) | (array[:, 3] < array[:, 1])).any():
         raise ValueError("boxes need x1 >= x0 and y1 >= y0 (pixel-inclusive (x0, y0, x1, y1))")
     return array
 
 
-def draw_boxes(image, boxes, color: Color = PRED_COLOR, width: int = 2) -> np.ndarray:
+def draw_boxes(image: Any, boxes: Any, color: Color = PRED_COLOR, width: int = 2) -> np.ndarray:
     """Draw box outlines; the outline covers the box's edge pixels and grows inwards.
 
     Args:
@@ -141,7 +226,8 @@ def draw_boxes(image, boxes, color: Color = PRED_COLOR, width: int = 2) -> np.nd
         >>> picture[2, 5].tolist(), picture[5, 5].tolist()
         ([255, 0, 0], [0, 0, 0])
     """
-    from PIL import Image, ImageDraw  # lazy: only pictures need it
+    with _pictures_extra():
+        from PIL import Image, ImageDraw  # lazy: only pictures need it
 
     canvas = Image.fromarray(to_uint8_image(image))
     pen = ImageDraw.Draw(canvas)
@@ -150,7 +236,7 @@ def draw_boxes(image, boxes, color: Color = PRED_COLOR, width: int = 2) -> np.nd
     return np.asarray(canvas).copy()
 
 
-def draw_points(image, points, color: Color = POINT_COLOR, radius: int = 3) -> np.ndarray:
+def draw_points(image: Any, points: Any, color: Color = POINT_COLOR, radius: int = 3) -> np.ndarray:
     """Draw each point ``(x, y)`` as a filled disc of ``radius`` pixels.
 
     Returns:
@@ -160,22 +246,22 @@ def draw_points(image, points, color: Color = POINT_COLOR, radius: int = 3) -> n
         >>> draw_points(np.zeros((9, 9, 3), np.uint8), [[4, 4]], (255, 255, 0))[4, 4].tolist()
         [255, 255, 0]
     """
-    from PIL import Image, ImageDraw  # lazy: only pictures need it
+    with _pictures_extra():
+        from PIL import Image, ImageDraw  # lazy: only pictures need it
 
     canvas = Image.fromarray(to_uint8_image(image))
     pen = ImageDraw.Draw(canvas)
-    array = points.detach().cpu().numpy() if isinstance(points, torch.Tensor) else np.asarray(points, dtype=np.float64)
-    for x, y in np.asarray(array, dtype=np.float64).reshape(-1, 2):
+    for x, y in to_numpy(points, np.float64).reshape(-1, 2):
         pen.ellipse((x - radius, y - radius, x + radius, y + radius), fill=tuple(color))
     return np.asarray(canvas).copy()
 
 
 def show_localization(
-    image,
-    response_map=None,
-    pred_boxes=None,
-    gt_boxes=None,
-    points=None,
+    image: Any,
+    response_map: Any = None,
+    pred_boxes: Any = None,
+    gt_boxes: Any = None,
+    points: Any = None,
     cmap: str = "jet",
     alpha: float = 0.5,
     width: int = 2,
@@ -196,14 +282,17 @@ def show_localization(
     return picture
 
 
-def save_png(path: str | Path, image) -> Path:
+def save_png(path: str | Path, image: Any) -> Path:
     """Write an image (see :func:`to_uint8_image`) as a PNG file; return its path.
+
+    The file is written beside ``path`` under a temporary name and renamed into place, so
+    ``path`` never holds a half-written picture.
 
     Example:
         >>> save_png("/tmp/picture.png", np.zeros((4, 4, 3), np.uint8))  # doctest: +SKIP
     """
-    from PIL import Image  # lazy: only pictures need it
+    with _pictures_extra():
+        from PIL import Image  # lazy: only pictures need it
 
-    path = Path(path)
-    Image.fromarray(to_uint8_image(image)).save(path, format="PNG")
-    return path
+    picture = Image.fromarray(to_uint8_image(image))
+    return _write_atomically(path, lambda temporary: picture.save(temporary, format="PNG"))
