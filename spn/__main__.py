@@ -1,8 +1,11 @@
-"""`python -m spn COMMAND`: demo, bench."""
+"""`python -m spn COMMAND` (or the `spn` script): demo, bench."""
 
 from __future__ import annotations
 
+import importlib
 import sys
+
+__all__ = ["COMMANDS", "main"]
 
 COMMANDS = {
     "demo": ("spn.demo", "the proposal map of an image, its eigs check and the walk's convergence"),
@@ -13,13 +16,15 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in COMMANDS:
-        print("usage: python -m spn COMMAND [options]\n\ncommands:")
+        asked = bool(argv) and argv[0] in ("-h", "--help")
+        out = sys.stdout if asked else sys.stderr  # help is output; a usage error is an error
+        if argv and not asked:
+            print(f"unknown command {argv[0]!r}", file=out)
+        print("usage: python -m spn COMMAND [options]\n\ncommands:", file=out)
         for name, (_, summary) in COMMANDS.items():
-            print(f"  {name:8s} {summary}")
-        return 0 if argv and argv[0] in ("-h", "--help") else 2
-    import importlib
-
-    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+            print(f"  {name:8s} {summary}", file=out)
+        return 0 if asked else 2
+    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
 
 
 if __name__ == "__main__":

@@ -4,17 +4,37 @@ With raw colour as the features, SP is a graph-based saliency: a location weighs
 colour differences to its surroundings, and the random walk gathers confidence where an
 image region differs from the rest. The demo prints how the closed-form stationary state
 agrees with SciPy's eigenvector and how fast the paper's iteration converges to it, then
-writes the proposal map over the image as a PNG.
+writes a PNG: the image, the proposal map in its own panel with a colour bar, and the map
+over a grey copy of the image. It needs matplotlib and Pillow: pip install 'spn-wsol[pictures]'.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+__all__ = [
+    "CMAP",
+    "builtin_image",
+    "figure",
+    "grey",
+    "load_image",
+    "main",
+    "map_over_image",
+    "pixel_features",
+    "save_figure",
+]
+
+CMAP = "inferno"  # perceptually uniform and monotone in lightness: brighter always means more
 
 
 def builtin_image(size: int = 160) -> np.ndarray:
@@ -39,7 +59,21 @@ def load_image(path: str | None, size: int) -> np.ndarray:
         picture = picture.convert("RGB")
         scale = size / max(picture.size)
         picture = picture.resize((max(1, round(picture.width * scale)), max(1, round(picture.height * scale))))
-        return np.asarray(picture)
+        return np.array(picture)  # a writable copy (torch.from_numpy wants one)
+
+
+def grey(image: np.ndarray) -> np.ndarray:
+    """Luma of an RGB ``uint8`` image (ITU-R BT.601 weights), as ``uint8`` ``(H, W)``."""
+    return np.round(image[..., :3] @ np.array([0.299, 0.587, 0.114])).clip(0, 255).astype(np.uint8)
+
+
+def map_over_image(image: np.ndarray, proposal: np.ndarray, alpha: float = 0.6) -> np.ndarray:
+    """``proposal`` (any size) in :data:`CMAP` over a grey copy of ``image``: the image's own
+    colours cannot be mistaken for the map's, and the brighter a pixel, the higher ``M`` there.
+    The map is min-max scaled (see :func:`spn.viz.overlay`). Returns ``uint8`` ``(H, W, 3)``."""
+    from spn import viz
+
+    return viz.overlay(grey(image), proposal, cmap=CMAP, alpha=alpha)
 
 
 def pixel_features(image: np.ndarray, cell: int) -> torch.Tensor:
@@ -49,18 +83,70 @@ def pixel_features(image: np.ndarray, cell: int) -> torch.Tensor:
     return torch.nn.functional.avg_pool2d(pixels, cell)
 
 
+def figure(image: np.ndarray, proposal: np.ndarray, cell: int, title: str = "Soft Proposal") -> Figure:
+    """The demo's picture: the image; the proposal map ``M`` in its own panel; ``M`` over a grey
+    copy of the image; one colour bar for both maps, beside the overlay, in units of the uniform
+    map ``1 / (H W)``.
+
+    ``image`` is ``uint8`` ``(cell h, cell w, 3)``, ``proposal`` the ``(h, w)`` map. Needs
+    matplotlib and Pillow.
+    """
+    from spn import viz
+
+    viz._require_pictures("the demo's picture")
+    from matplotlib.figure import Figure
+
+    h, w = proposal.shape
+    relative = proposal * (h * w)  # 1 = the uniform map, > 1 = more than its share
+    low, high = float(relative.min()), float(relative.max())
+    blended = map_over_image(image, relative)  # min-max scaled: the colour bar's [low, high] fits it too
+
+    picture = Figure(figsize=(11.5, 3.9), layout="constrained")
+    panels = picture.subplots(1, 3)
+    extent = (-0.5, w * cell - 0.5, h * cell - 0.5, -0.5)  # the map's cells tile the image
+    panels[0].imshow(image)
+    panels[0].set_title("image")
+    shown = panels[1].imshow(relative, cmap=CMAP, vmin=low, vmax=high, extent=extent, interpolation="nearest")
+    panels[1].set_title(f"proposal map M ({h} x {w} cells)")
+    panels[2].imshow(blended)
+    panels[2].set_title("M over the image (grey)")
+    for panel in panels:
+        panel.set_xticks([])
+        panel.set_yticks([])
+    bar = picture.colorbar(shown, ax=panels[1:], shrink=0.9)
+    bar.set_label("M x HW  (1 = uniform; brighter = more salient)")
+    picture.suptitle(title)
+    return picture
+
+
+def save_figure(
+    out: str | Path, image: np.ndarray, proposal: np.ndarray, cell: int, title: str = "Soft Proposal"
+) -> Path:
+    """Write :func:`figure` as a PNG: beside ``out`` under a temporary name, then renamed into
+    place, so ``out`` never holds a half-written picture."""
+    from spn import viz
+
+    picture = figure(image, proposal, cell, title)
+    return viz._write_atomically(out, lambda temporary: picture.savefig(temporary, format="png", dpi=100))
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m spn demo", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m spn demo", description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--image", help="an image file (default: a built-in picture)")
-    parser.add_argument("--out", default="out/demo.png", help="where to write the overlay PNG")
+    parser.add_argument("--out", default="out/demo.png", help="where to write the PNG")
     parser.add_argument("--size", type=int, default=160, help="long side of the image in pixels")
     parser.add_argument("--cell", type=int, default=4, help="pixels per feature-map cell")
     parser.add_argument("--epsilon", type=float, default=None, help="kernel width in cells (default 0.15 sqrt(HW))")
     args = parser.parse_args(argv)
 
-    from spn import reference
     import spn
-    from spn import viz
+    from spn import reference, viz
+
+    try:  # say what is missing before any work, not after it
+        viz._require_pictures("python -m spn demo")
+    except ModuleNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
 
     image = load_image(args.image, args.size)
     features = pixel_features(image, args.cell)
@@ -96,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"the released code's stopping rule (change < 1e-4) stops at step {reached}" if reached
           else "the walk did not reach a change below 1e-4 in 50 steps")
 
-    picture = viz.overlay(image[: h * args.cell, : w * args.cell], proposal[0].numpy(), alpha=0.5)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    viz.save_png(out, np.concatenate([image[: h * args.cell, : w * args.cell], picture], axis=1))
-    print(f"wrote {out} (left: the image; right: the proposal map over it)")
+    title = f"Soft Proposal of {Path(args.image).name if args.image else 'the built-in image'}"
+    save_figure(out, image[: h * args.cell, : w * args.cell], proposal[0].numpy(), args.cell, title)
+    print(f"wrote {out} (the image; the proposal map M with its colour bar; M over the image in grey)")
     return 0
