@@ -1,14 +1,18 @@
-# make test: create .venv, install spn with its test and CUDA-compile extras, run the tests.
+# make test: create .venv, install spn-wsol (editable) with its `test` extra, run the tests.
+#   The `test` extra is pytest, hypothesis, matplotlib, Pillow, the NVRTC library
+#   (nvidia-cuda-nvrtc-cu12: the compile check of the CUDA sources), opencv-python-headless,
+#   ruff and mypy; not CuPy. On a GPU machine: `make test EXTRAS=test,cuda12`.
+# make lint: ruff and mypy (both run; fails when either fails).
 # make demo: the proposal map of a built-in image, written to out/demo.png.
 # On CPU machines torch is pinned to 2.13.0, for which a local CPU wheel exists; a loose
 # `torch` would pull the multi-GB CUDA build. Override with e.g. `make test TORCH=torch==2.11.0`.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
-EXTRAS ?= test,cuda12
+EXTRAS ?= test
 BIN := $(VENV)/bin
 
-.PHONY: test demo bench venv clean
+.PHONY: test lint demo bench venv clean
 
 venv: $(VENV)/.installed
 
@@ -22,6 +26,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: venv
 	$(BIN)/python -m pytest -q
 
+lint: venv
+	$(BIN)/python -m ruff check .; ruff=$$?; $(BIN)/python -m mypy spn tests; mypy=$$?; \
+	test $$ruff -eq 0 -a $$mypy -eq 0
+
 demo: venv
 	$(BIN)/python -m spn demo --out out/demo.png
 
@@ -29,4 +37,4 @@ bench: venv
 	$(BIN)/python -m spn bench
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .hypothesis
+	rm -rf $(VENV) out .pytest_cache .hypothesis .mypy_cache .ruff_cache
