@@ -356,3 +356,46 @@ def test_small_backbone_norm_option(norm, kind):
     torch.testing.assert_close(group(images)[:1], group(images[:1]))
     with pytest.raises(ValueError, match="norm must be"):
         small_sp(num_classes=2, norm="layer")
+
+
+def torchvision_resnet50_keys():
+    """torchvision's resnet50 state-dict names, written out from its architecture: conv1, bn1,
+    layer1..4 of 3, 4, 6, 3 bottlenecks (conv1..3, bn1..3, a downsample in each first block)."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    keys = ["conv1.weight", *(f"bn1.{name}" for name in bn)]
+    for layer, blocks in enumerate((3, 4, 6, 3), 1):
+        for block in range(blocks):
+            prefix = f"layer{layer}.{block}"
+            for index in (1, 2, 3):
+                keys += [f"{prefix}.conv{index}.weight", *(f"{prefix}.bn{index}.{name}" for name in bn)]
+            if block == 0:
+                keys += [f"{prefix}.downsample.0.weight", *(f"{prefix}.downsample.1.{name}" for name in bn)]
+    return keys
+
+
+def test_resnet50_backbone_has_torchvision_keys_and_wsolevaluation_strides():
+    from spn.models import ResNet50Backbone
+
+    backbone = ResNet50Backbone()
+    assert list(backbone.state_dict()) == torchvision_resnet50_keys()
+    assert len(backbone.state_dict()) == 318  # torchvision's 320 without fc.weight / fc.bias
+    with torch.no_grad():
+        assert backbone(torch.rand(1, 3, 224, 224)).shape == (1, 2048, 14, 14)  # layer4 stride 1
+        assert ResNet50Backbone(large_feature_map=True)(torch.rand(1, 3, 64, 64)).shape == (1, 2048, 8, 8)
+
+
+def test_resnet50_weights_load_from_a_torchvision_layout_file(tmp_path):
+    from spn.models import ResNet50Backbone, load_resnet50_features, resnet50_cam, resnet50_sp
+
+    source = ResNet50Backbone()
+    state = {key: torch.randn_like(value.float()).to(value.dtype) for key, value in source.state_dict().items()}
+    state["fc.weight"], state["fc.bias"] = torch.zeros(1000, 2048), torch.zeros(1000)  # ignored
+    path = tmp_path / "r50.pth"
+    torch.save(state, path)
+    net = resnet50_cam(5, backbone_state_dict=str(path))
+    torch.testing.assert_close(net.backbone.layer4[2].conv3.weight, state["layer4.2.conv3.weight"])
+    sp = resnet50_sp(5, num_maps=16, backbone_state_dict=state)
+    torch.testing.assert_close(sp.backbone.bn1.running_var, state["bn1.running_var"])
+    del state["layer1.0.conv1.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: layer1\.0\.conv1\.weight"):
+        load_resnet50_features(resnet50_cam(5), state)

@@ -9,13 +9,15 @@
 
 Modules: `heads` (WSOLHead, SPNHead, CAMHead), `maps` (class selection, the response-map
 einsum, upsampling), `backbones` (VGG16 with torchvision-compatible keys, a small CNN),
-`networks` (Network and the constructors).
+`resnet` (wsolevaluation's ResNet50 with torchvision-compatible keys), `networks` (Network
+and the constructors).
 """
 
 from .backbones import VGG16_CONFIG, SmallBackbone, VGG16Backbone, load_vgg16_features
 from .heads import CAMHead, HeadOutput, HeadState, SPNHead, WSOLHead
 from .maps import ClassSpec, class_response_maps, resolve_classes, top_k, upsample_maps
-from .networks import Network, small_cam, small_sp, vgg16_cam, vgg16_sp
+from .networks import Network, resnet50_cam, resnet50_sp, small_cam, small_sp, vgg16_cam, vgg16_sp
+from .resnet import ResNet50Backbone, load_resnet50_features
 
 __all__ = [
     "VGG16_CONFIG",
@@ -24,12 +26,16 @@ __all__ = [
     "HeadOutput",
     "HeadState",
     "Network",
+    "ResNet50Backbone",
     "SPNHead",
     "SmallBackbone",
     "VGG16Backbone",
     "WSOLHead",
     "class_response_maps",
+    "load_resnet50_features",
     "load_vgg16_features",
+    "resnet50_cam",
+    "resnet50_sp",
     "resolve_classes",
     "small_cam",
     "small_sp",

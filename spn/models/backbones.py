@@ -101,18 +101,27 @@ def load_vgg16_features(
     backbone = model if isinstance(model, VGG16Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, VGG16Backbone):
         raise TypeError(f"load_vgg16_features needs a VGG16Backbone or a model with one as .backbone, got {type(model).__name__}")
+    copy_backbone_weights(backbone, state_dict, ignored_prefix="classifier.", what="VGG16 conv weights (torchvision's vgg16 'features.*' keys")
+    return model
+
+
+def copy_backbone_weights(
+    backbone: nn.Module, state_dict: Mapping[str, torch.Tensor] | str | os.PathLike, ignored_prefix: str, what: str
+) -> None:
+    """Copy a torchvision-layout state dict (or a file of one, read with ``weights_only=True``)
+    into ``backbone``, ignoring the keys that start with ``ignored_prefix`` (the classifier).
+    Every problem (missing, unexpected, mis-shaped keys) is named, before any weight changes."""
     if isinstance(state_dict, (str, os.PathLike)):
         state_dict = torch.load(state_dict, map_location="cpu", weights_only=True)
     if not isinstance(state_dict, Mapping):
         raise TypeError(f"state_dict must be a mapping or a path, got {type(state_dict).__name__}")
-
-    targets = backbone.state_dict(keep_vars=True)  # "features.0.weight", ... torchvision's names
-    given = {key: value for key, value in state_dict.items() if not str(key).startswith("classifier.")}
+    targets = backbone.state_dict(keep_vars=True)
+    given = {key: value for key, value in state_dict.items() if not str(key).startswith(ignored_prefix)}
     missing = [key for key in targets if key not in given]
     unexpected = [key for key in given if key not in targets]
     not_tensors = [key for key in given if key in targets and not isinstance(given[key], torch.Tensor)]
     if not_tensors:
-        raise TypeError(f"VGG16 state dict values must be tensors; not for: {', '.join(map(str, not_tensors))}")
+        raise TypeError(f"state dict values must be tensors; not for: {', '.join(map(str, not_tensors))}")
     misshaped = [
         f"{key}: expected {tuple(targets[key].shape)}, got {tuple(given[key].shape)}"
         for key in targets
@@ -127,13 +136,11 @@ def load_vgg16_features(
         if misshaped:
             problems.append(f"mis-shaped tensors: {'; '.join(misshaped)}")
         raise ValueError(
-            "cannot load the VGG16 conv weights (torchvision's vgg16 'features.*' keys are expected, "
-            "'classifier.*' keys are ignored): " + " | ".join(problems)
+            f"cannot load the {what} are expected, '{ignored_prefix}*' keys are ignored): " + " | ".join(problems)
         )
     with torch.no_grad():
         for key, target in targets.items():
             target.copy_(given[key])
-    return model
 
 
 class SmallBackbone(nn.Module):

@@ -14,8 +14,9 @@ from spn._convert import check_size
 from .backbones import SmallBackbone, VGG16Backbone, load_vgg16_features
 from .heads import CAMHead, HeadOutput, SPNHead, WSOLHead
 from .maps import ClassSpec
+from .resnet import ResNet50Backbone, load_resnet50_features
 
-__all__ = ["Network", "small_cam", "small_sp", "vgg16_cam", "vgg16_sp"]
+__all__ = ["Network", "resnet50_cam", "resnet50_sp", "small_cam", "small_sp", "vgg16_cam", "vgg16_sp"]
 
 
 class Network(nn.Module):
@@ -216,3 +217,59 @@ def small_cam(
     backbone = SmallBackbone(in_channels, widths, output_stride, norm)
     head = CAMHead(backbone.out_channels, num_classes, num_maps, dropout=dropout)
     return Network(backbone, head)
+
+
+def _resnet50_backbone(
+    backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None, large_feature_map: bool
+) -> ResNet50Backbone:
+    backbone = ResNet50Backbone(large_feature_map)
+    if backbone_state_dict is not None:
+        load_resnet50_features(backbone, backbone_state_dict)
+    return backbone
+
+
+def resnet50_cam(
+    num_classes: int,
+    *,
+    large_feature_map: bool = False,
+    dropout: float = 0.0,
+    backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+) -> Network:
+    """wsolevaluation's ResNet50-CAM: `ResNet50Backbone` (layer4 stride 1, output stride 16)
+    then global average pooling and a linear classifier on its 2048 channels (no extra conv).
+
+    Example:
+        >>> resnet50_cam(10)(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 10])
+    """
+    head = CAMHead(ResNet50Backbone.out_channels, num_classes, None, dropout=dropout)
+    return Network(_resnet50_backbone(backbone_state_dict, large_feature_map), head)
+
+
+def resnet50_sp(
+    num_classes: int,
+    num_maps: int = 1024,
+    *,
+    large_feature_map: bool = False,
+    dropout: float = 0.0,
+    backbone_state_dict: Mapping[str, torch.Tensor] | str | os.PathLike | None = None,
+    proposal_options: Mapping[str, Any] | None = None,
+    **soft_proposal_kwargs: Any,
+) -> Network:
+    """Soft Proposal on wsolevaluation's ResNet50: `ResNet50Backbone`, then an `SPNHead` (3x3
+    conv to ``num_maps`` maps, SoftProposal, sum pooling, linear classifier). The SPN paper
+    has no ResNet variant; this one is ours, built like `vgg16_sp` on ResNet50's features.
+
+    Example:
+        >>> resnet50_sp(10)(torch.rand(1, 3, 64, 64)).shape
+        torch.Size([1, 10])
+    """
+    head = SPNHead(
+        ResNet50Backbone.out_channels,
+        num_classes,
+        num_maps,
+        dropout=dropout,
+        proposal_options=proposal_options,
+        **soft_proposal_kwargs,
+    )
+    return Network(_resnet50_backbone(backbone_state_dict, large_feature_map), head)
