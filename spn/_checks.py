@@ -8,6 +8,9 @@ import torch
 
 BACKENDS = ("auto", "torch", "cupy")
 _FLOATING = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# The walk mixes in far fewer steps (the released code stops at 20); a bound catches a typo such
+# as iterations=10**9 before it runs for hours or, with detach=False, keeps that many states.
+MAX_ITERATIONS = 10_000
 
 
 def check_features(features) -> None:
@@ -26,8 +29,11 @@ def check_walk_options(iterations, tolerance) -> None:
     """Raise a clear error for an iteration count or tolerance of the wrong kind."""
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)):
         raise TypeError(f"iterations must be None (exact stationary state) or an int >= 0, got {iterations!r}")
-    if iterations is not None and iterations < 0:
-        raise ValueError(f"iterations must be >= 0, got {iterations}")
+    if iterations is not None and not 0 <= iterations <= MAX_ITERATIONS:
+        raise ValueError(
+            f"iterations must be between 0 and {MAX_ITERATIONS}, got {iterations} "
+            "(iterations=None gives the exact stationary state, the limit of the walk)"
+        )
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
         raise TypeError(f"tolerance must be a number >= 0, got {tolerance!r}")
     if not (0 <= tolerance < float("inf")):
@@ -39,3 +45,9 @@ def check_walk_options(iterations, tolerance) -> None:
 def check_backend(backend) -> None:
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(map(repr, BACKENDS))}")
+
+
+def check_detach(detach) -> None:
+    """`detach` must be a bool: 'False' or None would otherwise pick a gradient silently."""
+    if not isinstance(detach, bool):
+        raise TypeError(f"detach must be True or False, got {detach!r}")

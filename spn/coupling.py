@@ -7,6 +7,14 @@ import torch
 
 def couple(features: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
     """V_k = U_k * M for every channel: (B, K, H, W) x (B, H, W) -> (B, K, H, W)."""
+    if features.dim() != 4 or proposal.dim() != 3 or (
+        features.shape[0],
+        *features.shape[2:],
+    ) != tuple(proposal.shape):
+        raise ValueError(
+            f"couple expects features (B, K, H, W) and a proposal (B, H, W) with the same B, H, W; "
+            f"got {tuple(features.shape)} and {tuple(proposal.shape)}"
+        )
     return features * proposal.unsqueeze(1)
 
 

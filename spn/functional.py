@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 
 import torch
 
 from . import graph, walk
-from ._checks import check_backend, check_features, check_walk_options
+from ._checks import check_backend, check_detach, check_features, check_walk_options
 from .coupling import couple
 from .presets import Epsilon, resolve_epsilon
 
@@ -66,6 +67,7 @@ def soft_proposal(
     """
     check_features(features)
     check_walk_options(iterations, tolerance)
+    check_detach(detach)
     check_backend(backend)
     batch, _, height, width = features.shape
     eps = resolve_epsilon(epsilon, height, width)
@@ -73,8 +75,8 @@ def soft_proposal(
         proposal = features.new_empty((0, height, width))
         return couple(features, proposal), proposal
     run = _select_backend(backend, features)
-    coupled, proposal, converged = run(features, eps, iterations, tolerance, bool(detach))
-    if converged is not None and tolerance > 0 and not bool(converged.all()):
+    coupled, proposal, converged = run(features, eps, iterations, tolerance, detach)
+    if converged is not None and tolerance > 0 and not walk.is_tracing() and not bool(converged.all()):
         failed = int((~converged).sum())
         warnings.warn(
             f"{failed} of {batch} random walks did not reach tolerance {tolerance} in {iterations} steps",
@@ -99,15 +101,43 @@ def torch_soft_proposal(features, epsilon: float, iterations, tolerance: float, 
     """The portable backend: (coupled, proposal, converged or None). Arguments checked by the caller."""
     batch, _, height, width = features.shape
     compute = features.float() if features.dtype in (torch.float16, torch.bfloat16) else features
+    if torch.jit.is_tracing():
+        compute = _same_size_as_traced(compute, height, width)
     converged = None
-    with torch.autocast(device_type=features.device.type, enabled=False):
+    # Autocast would run the walk's float32 products in bfloat16 on the CPU; it is switched off
+    # only where it is on, so that exported programs carry no autocast region otherwise.
+    off = torch.autocast(features.device.type, enabled=False) if torch.is_autocast_enabled(features.device.type) else nullcontext()
+    with off:
         source = compute.detach() if detach else compute
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not detach):
-            if iterations is None:
-                state = walk.stationary_state(graph.degrees(source, epsilon))
-            else:
-                state, info = walk.power_iteration(graph.transfer_matrix(source, epsilon), iterations, tolerance)
-                converged = info.converged
+        if iterations is None:
+            state = walk.stationary_state(graph.degrees(source, epsilon))
+        else:
+            state, converged = walk.power_iteration(graph.transfer_matrix(source, epsilon), iterations, tolerance)
         proposal = state.to(compute.dtype).reshape(batch, height, width)
         coupled = couple(compute, proposal)
     return coupled.to(features.dtype), proposal.to(features.dtype), converged
+
+
+_size_guard = None
+
+
+def _same_size_as_traced(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Under torch.jit.trace: a scripted check, kept in the trace, that later inputs have the traced H x W.
+
+    The trace fixes epsilon (and the loop over blocks) for the traced size; at another size it
+    would give a wrong map without a word, so it raises instead.
+    """
+    global _size_guard
+    if _size_guard is None:
+
+        def same_size(features: torch.Tensor, height: int, width: int) -> torch.Tensor:
+            if features.size(2) != height or features.size(3) != width:
+                raise RuntimeError(
+                    "spn.soft_proposal was traced by torch.jit.trace at another H x W, and a trace fixes "
+                    "epsilon for the traced size: trace once per size, or use torch.export with dynamic "
+                    "shapes or torch.compile"
+                )
+            return features
+
+        _size_guard = torch.jit.script(same_size)
+    return _size_guard(features, height, width)

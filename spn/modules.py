@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._checks import check_backend, check_walk_options
+from ._checks import check_backend, check_detach, check_walk_options
 from .coupling import sum_pool
 from .functional import soft_proposal
 from .presets import Epsilon, resolve_epsilon
@@ -44,6 +44,7 @@ class SoftProposal(nn.Module):
     ) -> None:
         super().__init__()
         check_walk_options(iterations, tolerance)
+        check_detach(detach)
         check_backend(backend)
         if epsilon is not None and not callable(epsilon):
             resolve_epsilon(epsilon, 1, 1)  # a bad number fails here, not at the first forward

@@ -47,10 +47,18 @@ def test_eigs_falls_back_to_dense_for_tiny_graphs(n):
     np.testing.assert_allclose(R.stationary_eigs(R.transfer_matrix(features)), np.full(n, 1 / n))
 
 
-def test_eigs_refuses_a_disconnected_graph():
-    disconnected = np.eye(4)  # every node keeps its mass: eigenvalue 1 four times
+@pytest.mark.parametrize("n", [2, 3, 4, 40])
+def test_eigs_refuses_a_disconnected_graph(n):
+    disconnected = np.eye(n)  # every node keeps its mass: eigenvalue 1 n times
     with pytest.raises(ValueError, match="eigenvalue 1 must be simple"):
         R.stationary_eigs(disconnected)
+
+
+def test_eigs_refuses_two_components_in_a_large_graph():
+    # Two disconnected blocks of 20 nodes: eigenvalue 1 twice, ARPACK's path (n > DENSE_EIGS).
+    block = np.full((20, 20), 1 / 20)
+    with pytest.raises(ValueError, match="eigenvalue 1 must be simple"):
+        R.stationary_eigs(np.block([[block, np.zeros((20, 20))], [np.zeros((20, 20)), block]]))
 
 
 def test_small_epsilon_keeps_nearest_neighbours():

@@ -274,7 +274,15 @@ def test_channels_last_and_strided_inputs_agree():
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2, dtype=torch.long)), TypeError, "float16, bfloat16"),
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 0, 2)), ValueError, "at least 1 x 1"),
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), backend="cuda"), ValueError, "unknown backend"),
-        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), iterations=-1), ValueError, ">= 0"),
+        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), iterations=-1), ValueError, "between 0 and"),
+        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), iterations=10**9), ValueError, "between 0 and 10000"),
+        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), detach="False"), TypeError, "detach must be True or False"),
+        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), detach=None), TypeError, "detach"),
+        (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), detach=0), TypeError, "detach"),
+        (lambda: spn.SoftProposal(detach="no"), TypeError, "detach"),
+        (lambda: spn.couple(torch.zeros(2, 4, 4, 4), torch.zeros(2, 1, 4, 4)), ValueError, r"\(B, H, W\)"),
+        (lambda: spn.couple(torch.zeros(2, 4, 4, 4), torch.zeros(1, 4, 4)), ValueError, "same B, H, W"),
+        (lambda: spn.couple(torch.zeros(2, 4, 4, 4), torch.zeros(2, 4, 3)), ValueError, "same B, H, W"),
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), iterations=True), TypeError, "iterations"),
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), tolerance=1e-3), ValueError, "iterations=k"),
         (lambda: spn.soft_proposal(torch.zeros(1, 1, 2, 2), iterations=3, tolerance=-1.0), ValueError, "tolerance"),
@@ -334,12 +342,10 @@ def test_torch_compile_gives_the_eager_result():
 
 
 @pytest.mark.parametrize("height, width, epsilon", [(1, 1, 0.15), (3, 7, 1.0), (40, 40, 6.0), (5, 5, 1e-200)])
-def test_spatial_kernel_equals_reference_cached_or_not(height, width, epsilon):
-    # 40 x 40 has 2.56M pairs: above CACHED_KERNEL_ELEMENTS, so it is made block by block.
-    # NumPy's and torch's exp may differ in the last bit; the two torch paths may not.
+def test_spatial_kernel_equals_reference(height, width, epsilon):
+    # NumPy's and torch's exp may differ in the last bit; rows of the kernel are its rows.
     expected = R.spatial_kernel(height, width, epsilon)
     rows = slice(1, min(height * width, 37))
     whole = graph.spatial_kernel(height, width, epsilon)
     np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-14, atol=0)
     assert torch.equal(graph.spatial_kernel(height, width, epsilon, rows), whole[rows])
-    assert torch.equal(whole, graph._kernel_rows(height, width, epsilon, slice(0, height * width), None))

@@ -57,12 +57,17 @@ def stationary_state(features, epsilon: Epsilon = None) -> np.ndarray:
     return np.full(deg.shape, 1.0 / deg.size)
 
 
+# Up to this size every eigenvalue is computed (dense); above it, ARPACK's four largest.
+DENSE_EIGS = 32
+
+
 def stationary_eigs(transfer) -> np.ndarray:
     """The eigenvector of eigenvalue 1 of a column-stochastic matrix, scaled to sum 1.
 
-    Uses ARPACK (`scipy.sparse.linalg.eigs`) with the eigenvalues of largest real part, so
-    the eigenvalue -1 of a periodic walk is never the one picked; ARPACK needs n >= 3, so
-    smaller matrices go to the dense `numpy.linalg.eig`.
+    Uses ARPACK (`scipy.sparse.linalg.eigs`) for the few eigenvalues of largest real part, so
+    the eigenvalue -1 of a periodic walk is never the one picked. A repeated eigenvalue 1 is
+    seen only when at least two eigenvalues are computed, and ARPACK computes at most n - 2:
+    matrices of up to DENSE_EIGS rows go to the dense `numpy.linalg.eig`, which sees them all.
 
     Raises:
         ValueError: when eigenvalue 1 is missing or not simple (no unique stationary state).
@@ -71,7 +76,7 @@ def stationary_eigs(transfer) -> np.ndarray:
     n = d.shape[0]
     if d.shape != (n, n) or n == 0:
         raise ValueError(f"transfer must be a non-empty square matrix, got shape {d.shape}")
-    if n <= 2:
+    if n <= DENSE_EIGS:
         values, vectors = np.linalg.eig(d)
     else:
         values, vectors = eigs(d, k=min(n - 2, 4), which="LR", v0=np.full(n, 1.0 / n))

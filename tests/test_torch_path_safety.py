@@ -1,0 +1,258 @@
+"""The torch path under the ways people run models: export, inference mode, compile, tracing,
+torch.func, forward-mode AD and higher-order gradients (issue 9, "Safe under the ways people run models")."""
+
+import io
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+import spn
+from spn import graph, walk
+from spn import reference as R
+
+
+class ProposalOnly(torch.nn.Module):
+    def __init__(self, **options):
+        super().__init__()
+        self.sp = spn.SoftProposal(**options)
+
+    def forward(self, x):
+        coupled, proposal = self.sp(x, return_proposal=True)
+        return coupled, proposal
+
+
+def reference_maps(features, **options):
+    return np.stack([R.proposal_map(u, **options) for u in features.double().numpy()])
+
+
+def features_of(*shape, seed=0, dtype=torch.float64):
+    return torch.randn(*shape, dtype=dtype, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------- nothing traced is kept
+
+
+def test_export_first_then_eager_gives_the_right_maps():
+    # A shape first seen under torch.export is computed on fake tensors; nothing of that may
+    # survive into later eager calls (the old kernel cache kept a FakeTensor: error 0.95).
+    x = features_of(2, 3, 7, 9, seed=1)
+    torch.export.export(ProposalOnly(), (x,))
+    for _ in range(3):
+        _, proposal = spn.soft_proposal(x)
+        np.testing.assert_allclose(proposal.numpy(), reference_maps(x), rtol=1e-10, atol=1e-13)
+    torch.export.export(ProposalOnly(), (x,))  # a later export still works
+
+
+def test_inference_mode_first_then_exact_gradient_training():
+    # A validation pass before training: nothing made under inference_mode may be reused.
+    x = features_of(2, 3, 6, 11, seed=2)
+    with torch.inference_mode():
+        spn.soft_proposal(x, detach=False)
+        spn.soft_proposal(x, iterations=3, detach=False)
+    for iterations in (None, 3):
+        y = x.clone().requires_grad_()
+        coupled, _ = spn.soft_proposal(y, iterations=iterations, detach=False)
+        coupled.sum().backward()
+        expected = R.soft_proposal_vjp(x[0].numpy(), np.ones(x.shape[1:]), iterations=iterations, detach=False)
+        np.testing.assert_allclose(y.grad[0].numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+# ---------------------------------------------------------------- export, compile, trace
+
+
+@pytest.mark.parametrize("options", [{}, dict(spn.RELEASED), {"detach": False}])
+def test_export_save_load_round_trip(options):
+    x = features_of(2, 4, 5, 6, seed=3, dtype=torch.float32)
+    model = ProposalOnly(**options)
+    program = torch.export.export(model, (x,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()
+    other = features_of(2, 4, 5, 6, seed=4, dtype=torch.float32)
+    for got, expected in zip(loaded(other), model(other)):
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
+
+
+def test_export_under_autocast_round_trip():
+    x = features_of(2, 4, 5, 6, seed=5, dtype=torch.float32)
+    model = ProposalOnly()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        program = torch.export.export(model, (x,))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    buffer.seek(0)
+    torch.testing.assert_close(torch.export.load(buffer).module()(x)[1], model(x)[1], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("iterations", [None, 20])
+def test_released_preset_under_export_and_fullgraph_compile(iterations):
+    # tolerance > 0: no data-dependent host check (the ConvergenceWarning test, the early stop) while tracing.
+    options = dict(spn.RELEASED, iterations=iterations) if iterations else {}
+    x = features_of(3, 4, 5, 5, seed=6, dtype=torch.float32)
+    model = ProposalOnly(**options)
+    eager = model(x)
+    exported = torch.export.export(model, (x,)).module()(x)
+    compiled = torch.compile(model, fullgraph=True)(x)
+    for got in (exported, compiled):
+        for a, b in zip(got, eager):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_compile_emits_no_cache_warning():
+    torch._dynamo.reset()
+    x = features_of(2, 3, 6, 6, seed=7, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.compile(ProposalOnly(), fullgraph=True)(x)
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "lru_cache" in m or "spn" in m], messages
+
+
+def test_jit_trace_refuses_another_size_and_is_right_at_its_own():
+    model = ProposalOnly().eval()
+    x = features_of(1, 3, 4, 5, seed=8, dtype=torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (x,))
+    same = features_of(2, 3, 4, 5, seed=9, dtype=torch.float32)
+    torch.testing.assert_close(traced(same)[1], model(same)[1])
+    with pytest.raises(Exception, match="traced by torch.jit.trace at another H x W"):
+        traced(features_of(1, 3, 6, 6, seed=10, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("op, args", [("degrees", (2.0,)), ("distances", ())])
+def test_custom_operators_pass_opcheck(op, args):
+    features = features_of(2, 3, 4, 5, seed=11).requires_grad_()
+    torch.library.opcheck(getattr(torch.ops.spn, op).default, (features, *args))
+
+
+# ---------------------------------------------------------------- higher-order gradients
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_double_backward_of_the_exact_gradient(iterations):
+    x = features_of(2, 3, 3, 3, seed=12).requires_grad_()
+
+    def both(t):
+        return spn.soft_proposal(t, iterations=iterations, detach=False)
+
+    assert torch.autograd.gradgradcheck(both, (x,))
+
+
+def test_double_backward_of_the_paper_gradient():
+    # detach=True holds M constant (Eq. 6), so the backward is by design not the derivative of
+    # the forward; V / M(U), with M held, is the identity, and its second derivative is 0.
+    x = features_of(1, 2, 3, 4, seed=13).requires_grad_()
+
+    def held(t):
+        coupled, proposal = spn.soft_proposal(t)
+        return (coupled / proposal.unsqueeze(1)).square()
+
+    assert torch.autograd.gradgradcheck(held, (x,))
+
+
+# ---------------------------------------------------------------- torch.func and forward-mode AD
+
+
+def autograd_jacobian(function, x):
+    return torch.autograd.functional.jacobian(function, x)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_vmap_equals_a_loop(iterations):
+    stacked = features_of(3, 2, 3, 4, 5, seed=14)
+    mapped = torch.func.vmap(lambda t: spn.soft_proposal(t, iterations=iterations)[1])(stacked)
+    looped = torch.stack([spn.soft_proposal(t, iterations=iterations)[1] for t in stacked])
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+@pytest.mark.parametrize("detach", [True, False])
+def test_func_grad_equals_autograd(iterations, detach):
+    x = features_of(2, 3, 3, 4, seed=15)
+    weights = features_of(2, 3, 3, 4, seed=16)
+
+    def loss(t):
+        return (spn.soft_proposal(t, iterations=iterations, detach=detach)[0] * weights).sum()
+
+    y = x.clone().requires_grad_()
+    loss(y).backward()
+    torch.testing.assert_close(torch.func.grad(loss)(x), y.grad, rtol=1e-10, atol=1e-13)
+
+
+def test_per_sample_gradients_with_vmap_of_grad():
+    x = features_of(4, 1, 2, 3, 3, seed=17)
+
+    def loss(t):
+        return spn.soft_proposal(t, detach=False)[1].square().sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss))(x)
+    for sample, grad in zip(x, per_sample):
+        y = sample.clone().requires_grad_()
+        loss(y).backward()
+        torch.testing.assert_close(grad, y.grad, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("transform", [torch.func.jacrev, torch.func.jacfwd])
+@pytest.mark.parametrize("iterations", [None, 2])
+def test_jacobians_equal_autograd(transform, iterations):
+    x = features_of(1, 2, 3, 3, seed=18)
+
+    def proposal(t):
+        return spn.soft_proposal(t, iterations=iterations, detach=False)[1]
+
+    torch.testing.assert_close(transform(proposal)(x), autograd_jacobian(proposal, x), rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("iterations", [None, 2])
+def test_forward_mode_ad_equals_jacobian_times_tangent(iterations):
+    x = features_of(1, 2, 3, 3, seed=19)
+    tangent = features_of(1, 2, 3, 3, seed=20)
+
+    def proposal(t):
+        return spn.soft_proposal(t, iterations=iterations, detach=False)[1]
+
+    expected = torch.einsum("...ijkl,ijkl->...", autograd_jacobian(proposal, x), tangent)
+    _, jvp = torch.func.jvp(proposal, (x,), (tangent,))
+    torch.testing.assert_close(jvp, expected, rtol=1e-9, atol=1e-12)
+    from torch.autograd import forward_ad
+
+    with forward_ad.dual_level():
+        out = proposal(forward_ad.make_dual(x, tangent))
+        torch.testing.assert_close(forward_ad.unpack_dual(out).tangent, expected, rtol=1e-9, atol=1e-12)
+
+
+def test_dense_path_refuses_large_inputs_with_a_clear_error(monkeypatch):
+    monkeypatch.setattr(graph, "DENSE_ELEMENTS", 100)
+    x = features_of(1, 2, 4, 4, seed=21)
+    with pytest.raises(RuntimeError, match=r"torch.func transforms.*DENSE_ELEMENTS.*loss.backward\(\)"):
+        torch.func.grad(lambda t: spn.soft_proposal(t, detach=False)[1].square().sum())(x)
+    spn.soft_proposal(x.requires_grad_(), detach=False)[1].square().sum().backward()  # no dense tensor here
+
+
+# ---------------------------------------------------------------- the k-step walk
+
+
+def test_walk_refuses_a_transfer_matrix_over_the_budget(monkeypatch):
+    monkeypatch.setattr(graph, "TRANSFER_BYTES", 16 * 16 * 4 * 2 - 1)
+    with pytest.raises(RuntimeError, match=r"\(B, n, n\) = \(2, 16, 16\).*TRANSFER_BYTES.*iterations=None"):
+        spn.soft_proposal(torch.rand(2, 3, 4, 4), iterations=3)
+    spn.soft_proposal(torch.rand(1, 3, 4, 4), iterations=3)  # 1 KiB: within
+
+
+def test_walk_stops_once_every_image_converged(monkeypatch):
+    calls = []
+    matmul = torch.matmul
+
+    def counting(a, b):
+        calls.append(1)
+        return matmul(a, b)
+
+    monkeypatch.setattr(walk.torch, "matmul", counting)
+    x = features_of(3, 2, 4, 4, seed=22)
+    _, proposal = spn.soft_proposal(x, iterations=5000, tolerance=1e-8)
+    assert 0 < len(calls) < 200
+    np.testing.assert_allclose(proposal.numpy(), reference_maps(x, iterations=5000, tolerance=1e-8), rtol=1e-10)
