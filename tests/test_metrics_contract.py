@@ -72,7 +72,7 @@ def build(name):
 
 def concatenated(batches):
     """The batches as one batch (per-image lists and arrays joined)."""
-    columns = list(zip(*batches))
+    columns = list(zip(*batches, strict=True))
     joined = []
     for column in columns:
         if isinstance(column[0], np.ndarray) and column[0].ndim >= 1 and not isinstance(column[0][0:0], list):

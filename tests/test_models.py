@@ -24,7 +24,6 @@ from spn.models import (
 )
 
 
-
 @pytest.fixture(autouse=True)
 def _one_thread():
     """One intra-op thread: with two, a busy neighbour on a 2-core runner makes the
@@ -135,7 +134,7 @@ def test_class_selection_shapes_and_values(make_head):
 
 def test_bad_class_specifications_raise():
     head, feats = _spn_head(), _features(batch=2)
-    with pytest.raises(TypeError, match="torch.full"):
+    with pytest.raises(TypeError, match=r"torch\.full"):
         head.forward_with_maps(feats, classes=3)
     with pytest.raises(TypeError, match="integer"):
         head.forward_with_maps(feats, classes=torch.tensor([0.0, 1.0]))
@@ -193,7 +192,7 @@ def _torchvision_vgg16_state_dict(seed=0):
 def _cached_vgg16_state_dict(seed):
     generator = torch.Generator().manual_seed(seed)
     state, channels = {}, 3
-    for index, width in zip(VGG16_CONV_INDICES, VGG16_WIDTHS):
+    for index, width in zip(VGG16_CONV_INDICES, VGG16_WIDTHS, strict=True):
         state[f"features.{index}.weight"] = torch.randn(width, channels, 3, 3, generator=generator)
         state[f"features.{index}.bias"] = torch.randn(width, generator=generator)
         channels = width
@@ -228,7 +227,7 @@ def test_vgg16_sp_loads_torchvision_weights_and_runs(tmp_path):
 
     path = tmp_path / "vgg16.pth"
     torch.save({k: v for k, v in state.items() if k.startswith("features.2")}, path)
-    with pytest.raises(ValueError, match="missing keys: features.0.weight"):
+    with pytest.raises(ValueError, match=r"missing keys: features\.0\.weight"):
         load_vgg16_features(net, path)
 
 
@@ -257,7 +256,8 @@ def test_vgg16_loading_errors_are_clear_and_leave_weights_alone():
 
     loaded = load_vgg16_features(net, _torchvision_vgg16_state_dict(seed=1))
     assert loaded is net
-    torch.testing.assert_close(net.backbone.features[0].weight, _torchvision_vgg16_state_dict(seed=1)["features.0.weight"])
+    expected = _torchvision_vgg16_state_dict(seed=1)["features.0.weight"]
+    torch.testing.assert_close(net.backbone.features[0].weight, expected)
     with torch.no_grad():
         logits, maps, proposal = net.eval().forward_with_maps(torch.rand(2, 3, 32, 32), classes="all")
     assert logits.shape == (2, 3) and maps.shape == (2, 3, 32, 32) and proposal is None
@@ -306,7 +306,7 @@ def _toy_batch(seed=0):
     images = 0.3 * torch.rand(16, 3, 32, 32, generator=generator)
     labels = torch.arange(16) % 3
     corners = torch.randint(0, 24, (16, 2), generator=generator)
-    for i, (label, (y, x)) in enumerate(zip(labels, corners)):
+    for i, (label, (y, x)) in enumerate(zip(labels, corners, strict=True)):
         images[i, label, y : y + 8, x : x + 8] = 1.0
     return images, labels
 

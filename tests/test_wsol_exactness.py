@@ -265,7 +265,7 @@ def test_boxes_equal_opencv_on_random_maps(multi_contour):
     for scoremap in random_scoremaps(300, seed=11 + multi_contour):
         expected = oracle_boxes(scoremap, thresholds, multi_contour)
         got = wsol_boxes(scoremap, thresholds, multi_contour=multi_contour)
-        for threshold, want, have in zip(thresholds, expected, got):
+        for threshold, want, have in zip(thresholds, expected, got, strict=True):
             if multi_contour:  # OpenCV's contour order is not a contract: compare as sets
                 want, have = sorted(map(tuple, want)), sorted(map(tuple, have.tolist()))
             else:
@@ -288,13 +288,13 @@ def test_box_accuracy_equals_an_opencv_evaluation():
     thresholds = np.arange(0, 1, 0.01)
     for version, deltas in ((1, (0.5,)), (2, (0.3, 0.5, 0.7))):
         correct = np.zeros((len(deltas), len(thresholds)))
-        for scoremap, gt in zip(maps, gts):
+        for scoremap, gt in zip(maps, gts, strict=True):
             for t, boxes in enumerate(oracle_boxes(scoremap, thresholds, version == 2)):
                 best = pixel_box_iou(boxes, gt).max()
                 correct[:, t] += best >= np.array(deltas)
         expected = float(np.mean((correct / len(maps)).max(axis=1)))
         metric = BoxAccuracy(version, interval=0.01)
-        for scoremap, gt in zip(maps, gts):  # maps of different sizes: one image per update
+        for scoremap, gt in zip(maps, gts, strict=True):  # maps of different sizes: one image per update
             metric.update(scoremap[None], [gt])
         assert metric.compute().value == expected
 

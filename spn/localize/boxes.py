@@ -18,7 +18,8 @@ ScoreMode = Literal["mean", "sum", "max"]
 
 
 def _check_ratio(ratio: Any) -> float:
-    if isinstance(ratio, bool) or not isinstance(ratio, (int, float, np.integer, np.floating)) or not np.isfinite(ratio):
+    number = isinstance(ratio, (int, float, np.integer, np.floating)) and not isinstance(ratio, bool)
+    if not number or not np.isfinite(ratio):
         raise ValueError(f"ratio must be a finite number, got {ratio!r}")
     return float(ratio)
 
@@ -106,7 +107,7 @@ def boxes_from_maps(
     masks = foreground_masks(array, threshold, ratio)
     all_boxes: list[np.ndarray] = []
     all_scores: list[np.ndarray] = []
-    for values, mask in zip(array, masks):
+    for values, mask in zip(array, masks, strict=True):
         if per_component:
             labels, count = label_components(mask, connectivity=connectivity)
             boxes = component_boxes(labels, count)

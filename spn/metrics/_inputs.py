@@ -71,9 +71,11 @@ def as_labels(labels: Any, batch_size: int, name: str, num_classes: int | None =
     array = to_numpy(labels)
     if array.ndim != 1 or array.shape[0] != batch_size:
         raise ValueError(f"{name} must have shape ({batch_size},), one class per sample; got shape {array.shape}")
-    if array.size and not np.issubdtype(array.dtype, np.integer):
-        if not (np.issubdtype(array.dtype, np.floating) and np.all(array == np.round(array))):
-            raise ValueError(f"{name} must hold integer class indices, got dtype {array.dtype}")
+    integral = np.issubdtype(array.dtype, np.integer) or (
+        np.issubdtype(array.dtype, np.floating) and bool(np.all(array == np.round(array)))
+    )
+    if array.size and not integral:
+        raise ValueError(f"{name} must hold integer class indices, got dtype {array.dtype}")
     array = array.astype(np.int64)
     if num_classes is not None and array.size and (array.min() < 0 or array.max() >= num_classes):
         bad = int(np.flatnonzero((array < 0) | (array >= num_classes))[0])
@@ -91,7 +93,7 @@ def as_label_list(labels: Any, box_list: list[np.ndarray], name: str = "box_labe
         raise ValueError(f"{name} must be a list of {len(box_list)} arrays (one label per box); got {count}")
     return [
         as_labels(to_numpy(entry).reshape(-1), len(boxes), f"{name}[{index}]")
-        for index, (entry, boxes) in enumerate(zip(labels, box_list))
+        for index, (entry, boxes) in enumerate(zip(labels, box_list, strict=True))
     ]
 
 
@@ -119,7 +121,7 @@ def as_mask(mask: Any, shape: tuple[int, int], name: str) -> np.ndarray:
         array = array.reshape(-1, *array.shape[1:])
         if array.shape[1:] != shape:
             raise ValueError(f"{name} must have the map's size {shape}, got shape {array.shape}")
-        array = (array > 0.5).any(axis=0) if array.dtype != bool else array.any(axis=0)
+        array = np.asarray((array > 0.5).any(axis=0) if array.dtype != bool else array.any(axis=0))
     if array.ndim != 2 or array.shape != shape:
         raise ValueError(f"{name} must have shape {shape} (or (m, *{shape}) instance masks), got shape {array.shape}")
     if array.dtype == bool:

@@ -184,7 +184,7 @@ class ClassTally:
         self.total: dict[int, int] = {}
 
     def add(self, classes: np.ndarray, is_correct: np.ndarray) -> None:
-        for cls, ok in zip(classes.tolist(), np.asarray(is_correct, dtype=bool).tolist()):
+        for cls, ok in zip(classes.tolist(), np.asarray(is_correct, dtype=bool).tolist(), strict=True):
             self.total[cls] = self.total.get(cls, 0) + 1
             self.correct[cls] = self.correct.get(cls, 0) + int(ok)
 

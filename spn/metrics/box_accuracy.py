@@ -104,7 +104,7 @@ class BoxAccuracy(Metric):
         box_list = as_box_list(gt_boxes, len(array))
         deltas = np.asarray(self.iou_thresholds)[:, None]
         num_correct = np.zeros_like(self.num_correct)
-        for scoremap, boxes in zip(array, box_list):
+        for scoremap, boxes in zip(array, box_list, strict=True):
             num_correct += self.best_ious(scoremap, boxes)[None, :] >= deltas
         self.num_correct += num_correct
         self.num_images += len(array)
@@ -135,15 +135,16 @@ class BoxAccuracy(Metric):
         check_evaluated(self.num_images, "BoxAccuracy saw no map")
         accuracies = self.num_correct / self.num_images
         best = accuracies.argmax(axis=1)
-        per_iou = {delta: float(accuracies[i].max()) for i, delta in enumerate(self.iou_thresholds)}
+        deltas = self.iou_thresholds
+        per_iou = {delta: float(accuracies[i].max()) for i, delta in enumerate(deltas)}
         return MetricResult(
             name=self.name,
             value=float(np.mean(list(per_iou.values()))),
             count=int(self.num_images),
             details={
                 "per_iou": per_iou,
-                "best_threshold": {delta: float(self.thresholds[best[i]]) for i, delta in enumerate(self.iou_thresholds)},
-                "box_acc": {delta: accuracies[i].tolist() for i, delta in enumerate(self.iou_thresholds)},
+                "best_threshold": {delta: float(self.thresholds[best[i]]) for i, delta in enumerate(deltas)},
+                "box_acc": {delta: accuracies[i].tolist() for i, delta in enumerate(deltas)},
                 "thresholds": self.thresholds.tolist(),
             },
         )

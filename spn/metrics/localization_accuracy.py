@@ -72,9 +72,8 @@ class LocalizationAccuracy(Metric):
             raise ValueError("pass pred_labels in every update or in none (top-1 needs them for every image)")
         true_classes = None if labels is None else as_labels(labels, batch_size, "labels")
         predicted = None if pred_labels is None else as_labels(pred_labels, batch_size, "pred_labels")
-        box_correct = np.array(
-            [best_iou(p[: self.max_boxes], g) >= self.iou_threshold for p, g in zip(pred_list, box_list)], dtype=bool
-        )
+        pairs = zip(pred_list, box_list, strict=True)
+        box_correct = np.array([best_iou(p[: self.max_boxes], g) >= self.iou_threshold for p, g in pairs], dtype=bool)
         self.with_classes = with_classes
         self.num_images += batch_size
         self.num_box_correct += int(box_correct.sum())

@@ -77,7 +77,7 @@ class ObjectEnergy(Metric):
         array = as_map_batch(maps)
         shares = [
             energy_share(energy_map, box_union_mask(boxes, *energy_map.shape))
-            for energy_map, boxes in zip(array, box_list)
+            for energy_map, boxes in zip(array, box_list, strict=True)
         ]
         self.shares.extend(shares)
 

@@ -99,10 +99,7 @@ class PointingGame(Metric):
             ValueError: no query was added.
         """
         check_evaluated(self.tally.samples, "no pointing-game query")
-        if self.protocol == "torchray":
-            per_class = self.tally.per_class(self.num_classes)
-        else:
-            per_class = self.tally.per_class()
+        per_class = self.tally.per_class(self.num_classes) if self.protocol == "torchray" else self.tally.per_class()
         return MetricResult(
             name=self.name,
             value=float(np.mean(list(per_class.values()))),

@@ -14,7 +14,9 @@ from torch import nn
 
 __all__ = ["VGG16_CONFIG", "SmallBackbone", "VGG16Backbone", "load_vgg16_features"]
 
-VGG16_CONFIG: tuple[int | str, ...] = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512)
+VGG16_CONFIG: tuple[int | str, ...] = (
+    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512
+)  # fmt: skip
 """VGG16's conv layers ("M": 2x2 max pool) up to conv5_3, without the final pool."""
 
 
@@ -53,18 +55,12 @@ class VGG16Backbone(nn.Module):
         for module in self.features:
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.features(images)
 
-
-def _norm(kind: str, channels: int) -> nn.Module:
-    if kind == "batch":
-        return nn.BatchNorm2d(channels)
-    if kind == "group":
-        return nn.GroupNorm(max(1, channels // 8), channels)
-    return nn.Identity()
 
 
 def load_vgg16_features(
@@ -100,8 +96,11 @@ def load_vgg16_features(
     """
     backbone = model if isinstance(model, VGG16Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, VGG16Backbone):
-        raise TypeError(f"load_vgg16_features needs a VGG16Backbone or a model with one as .backbone, got {type(model).__name__}")
-    copy_backbone_weights(backbone, state_dict, ignored_prefix="classifier.", what="VGG16 conv weights (torchvision's vgg16 'features.*' keys")
+        raise TypeError(
+            f"load_vgg16_features needs a VGG16Backbone or a model with one as .backbone, got {type(model).__name__}"
+        )
+    what = "VGG16 conv weights (torchvision's vgg16 'features.*' keys"
+    copy_backbone_weights(backbone, state_dict, ignored_prefix="classifier.", what=what)
     return model
 
 

@@ -90,14 +90,18 @@ def resolve_classes(logits: torch.Tensor, classes: ClassSpec) -> torch.Tensor | 
             f"classes must be 'all', 'predicted', a LongTensor (B,) or (B, k), or a callable; "
             f"got {type(classes).__name__}{hint}"
         )
-    if not isinstance(chosen, torch.Tensor) or chosen.dtype.is_floating_point or chosen.dtype.is_complex or chosen.dtype == torch.bool:
+    integer = isinstance(chosen, torch.Tensor) and not (
+        chosen.dtype.is_floating_point or chosen.dtype.is_complex or chosen.dtype == torch.bool
+    )
+    if not integer:
         kind = chosen.dtype if isinstance(chosen, torch.Tensor) else type(chosen).__name__
         raise TypeError(f"{source} must hold integer class indices, got {kind}")
     if chosen.dim() not in (1, 2) or chosen.shape[0] != batch:
         raise ValueError(f"{source} must have shape ({batch},) or ({batch}, k), got {tuple(chosen.shape)}")
     chosen = chosen.to(device=logits.device, dtype=torch.long)
     if chosen.numel() and (int(chosen.min()) < 0 or int(chosen.max()) >= num_classes):
-        raise ValueError(f"{source} must lie in [0, {num_classes}), got values in [{int(chosen.min())}, {int(chosen.max())}]")
+        low, high = int(chosen.min()), int(chosen.max())
+        raise ValueError(f"{source} must lie in [0, {num_classes}), got values in [{low}, {high}]")
     return chosen
 
 

@@ -104,6 +104,8 @@ def load_resnet50_features(model: nn.Module, state_dict: Mapping[str, torch.Tens
     """
     backbone = model if isinstance(model, ResNet50Backbone) else getattr(model, "backbone", None)
     if not isinstance(backbone, ResNet50Backbone):
-        raise TypeError(f"load_resnet50_features needs a ResNet50Backbone or a model with one, got {type(model).__name__}")
-    copy_backbone_weights(backbone, state_dict, ignored_prefix="fc.", what="ResNet50 weights (torchvision's resnet50 keys")
+        name = type(model).__name__
+        raise TypeError(f"load_resnet50_features needs a ResNet50Backbone or a model with one, got {name}")
+    what = "ResNet50 weights (torchvision's resnet50 keys"
+    copy_backbone_weights(backbone, state_dict, ignored_prefix="fc.", what=what)
     return model
