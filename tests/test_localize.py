@@ -1,12 +1,15 @@
-"""Tests of spn.localize: peak points, foreground boxes, upsampling. Expected values are
-worked out by hand in the comments."""
+"""Tests of spn.localize: peak points, foreground boxes. Expected values are worked out by
+hand in the comments. (upsample_maps is a torch op of spn.models now: its own tests are in
+test_upsample_maps.py; wsolevaluation's boxes are in test_metrics.py and
+test_wsol_exactness.py.)"""
 
 import numpy as np
 import pytest
 import torch
 
-from spn.localize import boxes_from_maps, foreground_masks, peak_points, upsample_maps
+from spn.localize import boxes_from_maps, cell_centres, foreground_masks, peak_points
 from spn.metrics import pointing_game
+from spn.models import upsample_maps
 
 # Rows x columns. Sum 6 + 6 + 3 + 3 = 18 over 20 pixels: mean 0.9, so the foreground
 # (>= 0.9) is (1, 1), (2, 2), (2, 4), (3, 4).
@@ -40,7 +43,14 @@ def test_peak_cell_centre_in_image_coordinates():
     maps = np.zeros((1, 7, 7))
     maps[0, 6, 3] = 1.0
     # stride 224 / 7 = 32: x = (3 + 0.5) * 32 - 0.5 = 111.5, y = (6 + 0.5) * 32 - 0.5 = 207.5
-    np.testing.assert_allclose(peak_points(maps, image_size=(224, 224)), [[111.5, 207.5]])
+    np.testing.assert_allclose(peak_points(maps, size=(224, 224)), [[111.5, 207.5]])
+
+
+def test_cell_centres():
+    # (index + 0.5) * 224 / 7 - 0.5: cell 0 -> 15.5, cell 3 -> 111.5, cell 6 -> 207.5
+    np.testing.assert_allclose(cell_centres([0, 3, 6], 7, 224), [15.5, 111.5, 207.5])
+    # 4 cells over 10 pixels (stride 2.5): (i + 0.5) * 2.5 - 0.5 = 0.75, 3.25, 5.75, 8.25
+    np.testing.assert_allclose(cell_centres(np.arange(4), 4, 10), [0.75, 3.25, 5.75, 8.25])
 
 
 def test_peak_cell_centre_non_square():
@@ -48,7 +58,7 @@ def test_peak_cell_centre_non_square():
     maps[0, 1, 2] = 1.0
     # image 10 rows x 40 columns: x stride 10, y stride 5
     # x = 2.5 * 10 - 0.5 = 24.5, y = 1.5 * 5 - 0.5 = 7.0
-    np.testing.assert_allclose(peak_points(maps, image_size=(10, 40)), [[24.5, 7.0]])
+    np.testing.assert_allclose(peak_points(maps, size=(10, 40)), [[24.5, 7.0]])
 
 
 def test_peak_of_a_border_cell_differs_between_the_two_routes():
@@ -56,34 +66,38 @@ def test_peak_of_a_border_cell_differs_between_the_two_routes():
     maps = np.zeros((1, 7, 7))
     maps[0, 0, 0] = 1.0
     # cell centre: (0 + 0.5) * 32 - 0.5 = 15.5 in x and y
-    np.testing.assert_allclose(peak_points(maps, image_size=(224, 224)), [[15.5, 15.5]])
+    np.testing.assert_allclose(peak_points(maps, size=(224, 224)), [[15.5, 15.5]])
     # align_corners=False: output pixel p samples input (p + 0.5) / 32 - 0.5, clamped to 0 for
     # p <= 15, so pixels 0..15 all hold 1.0 in both directions; the first maximum is (0, 0).
     # align_corners=True: pixel p samples p * 6 / 223, which is 0 only at p = 0: again (0, 0).
     for align_corners in (False, True):
-        upsampled = upsample_maps(maps, (224, 224), align_corners=align_corners)
+        upsampled = upsample_maps(torch.from_numpy(maps), (224, 224), align_corners=align_corners)
         np.testing.assert_array_equal(peak_points(upsampled), [[0.0, 0.0]])
-    # Pointing at box [25, 0, 50, 10] with the default 15 px (Euclidean): from (15.5, 15.5)
-    # dx = 25 - 15.5 = 9.5, dy = 15.5 - 10 = 5.5, sqrt(90.25 + 30.25) = 10.98 <= 15: hit;
-    # from (0, 0) dx = 25 > 15: miss.
+    # Pointing at box [25, 0, 50, 10] with the default 15 px (TorchRay's rule: Euclidean
+    # distance to the nearest pixel of the box, strictly < 15): from (15.5, 15.5) the nearest
+    # pixel is (25, 10): dx = 25 - 15.5 = 9.5, dy = 15.5 - 10 = 5.5,
+    # sqrt(90.25 + 30.25) = 10.98 < 15: hit; from (0, 0) the nearest pixel is (25, 0), 25 away: miss.
     box = [[[25, 0, 50, 10]]]
-    assert pointing_game(peak_points(maps, image_size=(224, 224)), [0], box)["accuracy"] == 1.0
-    assert pointing_game(peak_points(upsample_maps(maps, (224, 224))), [0], box)["accuracy"] == 0.0
+    assert pointing_game(peak_points(maps, size=(224, 224)), box, [0], num_classes=1).value == 1.0
+    upsampled = upsample_maps(torch.from_numpy(maps), (224, 224))
+    assert pointing_game(peak_points(upsampled), box, [0], num_classes=1).value == 0.0
 
 
 def test_peak_of_the_last_cell_depends_on_align_corners():
     maps = np.zeros((1, 7, 7))
     maps[0, 0, 6] = 1.0  # row 0, column 6 (the right border)
     # cell centre x = 6.5 * 32 - 0.5 = 207.5, y = 15.5
-    np.testing.assert_allclose(peak_points(maps, image_size=(224, 224)), [[207.5, 15.5]])
+    np.testing.assert_allclose(peak_points(maps, size=(224, 224)), [[207.5, 15.5]])
     # align_corners=False: column p samples (p + 0.5) / 32 - 0.5: p = 207 -> 5.984375 (value
     # 0.984375), p = 208 -> 6.015625, clamped to 6 (value 1.0), and so on up to 223; rows
     # 0..15 are clamped to row 0. First maximum: column 208, row 0.
-    np.testing.assert_array_equal(peak_points(upsample_maps(maps, (224, 224))), [[208.0, 0.0]])
+    tensor = torch.from_numpy(maps)
+    np.testing.assert_array_equal(peak_points(upsample_maps(tensor, (224, 224))), [[208.0, 0.0]])
     # align_corners=True: column p samples p * 6 / 223, which reaches 6 only at p = 223
     # (p = 222 -> 5.973, value 0.973); row 0 samples 0. Maximum at (223, 0), the released
     # code's point (PyTorch <= 0.3 bilinear upsampling aligned corners).
-    np.testing.assert_array_equal(peak_points(upsample_maps(maps, (224, 224), align_corners=True)), [[223.0, 0.0]])
+    upsampled = upsample_maps(tensor, (224, 224), align_corners=True)
+    np.testing.assert_array_equal(peak_points(upsampled), [[223.0, 0.0]])
 
 
 def test_peak_accepts_tensors_and_empty_batches():
@@ -183,7 +197,7 @@ def test_boxes_batched_and_from_tensors():
     maps = np.stack([SPARSE, np.full((4, 5), 1.0)])
     boxes_np, _ = boxes_from_maps(maps)
     boxes_t, _ = boxes_from_maps(torch.from_numpy(maps).float())
-    for a, b, expected in zip(boxes_np, boxes_t, [[[1, 1, 4, 3]], [[0, 0, 4, 3]]]):
+    for a, b, expected in zip(boxes_np, boxes_t, [[[1, 1, 4, 3]], [[0, 0, 4, 3]]], strict=True):
         np.testing.assert_array_equal(a, expected)
         np.testing.assert_array_equal(b, expected)
 
@@ -191,38 +205,6 @@ def test_boxes_batched_and_from_tensors():
 def test_empty_batch():
     boxes, scores = boxes_from_maps(np.zeros((0, 4, 4)), per_component=True)
     assert boxes == [] and scores == []
-
-
-# ----------------------------------------------------------------------------- upsampling
-
-
-def test_upsample_bilinear_half_pixel():
-    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
-    out = upsample_maps(maps, (4, 4))
-    assert isinstance(out, torch.Tensor) and out.shape == (1, 4, 4)
-    # align_corners=False: output columns sample input x = -0.25 (clamped to 0), 0.25, 0.75, 1.25 (clamped)
-    # row 0 -> [1, 0.75*1 + 0.25*3, 0.25*1 + 0.75*3, 3] = [1, 1.5, 2.5, 3]
-    # row 1 = 0.75 * row0 + 0.25 * [0, 1, 3, 4] = [0.75, 1.375, 2.625, 3.25]
-    np.testing.assert_allclose(out[0, 0].numpy(), [1.0, 1.5, 2.5, 3.0])
-    np.testing.assert_allclose(out[0, 1].numpy(), [0.75, 1.375, 2.625, 3.25])
-
-
-def test_upsample_align_corners():
-    maps = torch.tensor([[[1.0, 3.0], [0.0, 4.0]]])
-    out = upsample_maps(maps, (4, 4), align_corners=True)
-    # align_corners=True: output index p samples input p * (2 - 1) / (4 - 1) = p / 3:
-    # row 0 -> [1, 1 + 2/3, 1 + 4/3, 3]; row 3 = input row 1 -> [0, 4/3, 8/3, 4]
-    np.testing.assert_allclose(out[0, 0].numpy(), [1.0, 5 / 3, 7 / 3, 3.0], rtol=1e-6)
-    np.testing.assert_allclose(out[0, 3].numpy(), [0.0, 4 / 3, 8 / 3, 4.0], rtol=1e-6)
-    # row 1 samples input row 1/3: 2/3 of row 0 + 1/3 of row 1 -> column 0: 2/3 * 1 + 0 = 2/3
-    assert out[0, 1, 0].item() == pytest.approx(2 / 3)
-
-
-def test_upsample_numpy_in_numpy_out_and_empty():
-    out = upsample_maps(np.ones((2, 3, 3)), (5, 7))
-    assert isinstance(out, np.ndarray) and out.shape == (2, 5, 7)
-    np.testing.assert_allclose(out, 1.0)
-    assert upsample_maps(torch.zeros(0, 3, 3), (5, 5)).shape == (0, 5, 5)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -247,11 +229,11 @@ def test_infinite_map_rejected():
 def test_wrong_shapes_rejected():
     with pytest.raises(ValueError, match=r"\(B, H, W\)"):
         peak_points(np.zeros((3, 3)))
-    with pytest.raises(ValueError, match=r"image_size"):
-        peak_points(np.zeros((1, 3, 3)), image_size=(0, 5))
+    with pytest.raises(ValueError, match=r"size must be \(H, W\)"):
+        peak_points(np.zeros((1, 3, 3)), size=(0, 5))
     with pytest.raises(ValueError, match="threshold"):
-        foreground_masks(np.zeros((1, 3, 3)), threshold="median")
+        foreground_masks(np.zeros((1, 3, 3)), threshold="median")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="score"):
-        boxes_from_maps(SPARSE[None], per_component=True, score="median")
+        boxes_from_maps(SPARSE[None], per_component=True, score="median")  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="real numbers"):
         peak_points(np.zeros((1, 3, 3), dtype=bool))
