@@ -130,21 +130,21 @@ def test_pointing_tolerance_strict_under_torchray_inclusive_under_released(point
 def test_pointing_tolerance_parameter():
     # (22, 15) is 2 right of the box (nearest pixel (20, 15), L-inf 2)
     # released, inclusive: 2 <= 2 hit, 2 <= 1.9 miss
-    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, tolerance=2, protocol="released").value == 1.0
-    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, tolerance=1.9, protocol="released").value == 0.0
+    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, radius=2, protocol="released").value == 1.0
+    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, radius=1.9, protocol="released").value == 0.0
     # torchray, strict: 2 < 2 miss, 2 < 2.5 hit
-    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, tolerance=2).value == 0.0
-    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, tolerance=2.5).value == 1.0
+    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, radius=2).value == 0.0
+    assert pointing_game([[22, 15]], CORNER_BOX, [0], num_classes=1, radius=2.5).value == 1.0
     # a one-pixel box: released with no tolerance, only that pixel hits (0 <= 0; the
     # neighbour is 1 away) -> 1 of 2
     one_pixel = [[[5, 5, 5, 5]]] * 2
     points = [[5, 5], [6, 5]]
-    result = pointing_game(points, one_pixel, [0, 0], num_classes=1, tolerance=0, protocol="released")
+    result = pointing_game(points, one_pixel, [0, 0], num_classes=1, radius=0, protocol="released")
     assert result.per_class == {0: 0.5}
     # torchray with tolerance 0 accepts nothing (no distance is < 0); with tolerance 1 the
     # pixel itself (0 < 1) but not its neighbour (1 < 1 is false) -> 1 of 2
-    assert pointing_game(points, one_pixel, [0, 0], num_classes=1, tolerance=0).per_class == {0: 0.0}
-    assert pointing_game(points, one_pixel, [0, 0], num_classes=1, tolerance=1).per_class == {0: 0.5}
+    assert pointing_game(points, one_pixel, [0, 0], num_classes=1, radius=0).per_class == {0: 0.0}
+    assert pointing_game(points, one_pixel, [0, 0], num_classes=1, radius=1).per_class == {0: 0.5}
 
 
 def test_pointing_mean_over_classes():
@@ -203,8 +203,8 @@ def test_pointing_distance_below_one_pixel():
     # released: the distance is to the rectangle through pixel centres, [10, 20] x [10, 20]
     # (box columns 10..20: the last column covers x in [19.5, 20.5]). The point (20.5, 15)
     # is 0.5 away: a miss with tolerance 0, a hit with tolerance 0.5; (20, 15) is on it.
-    def released(point, tolerance):
-        return pointing_game([point], CORNER_BOX, [0], num_classes=1, tolerance=tolerance, protocol="released").value
+    def released(point, radius):
+        return pointing_game([point], CORNER_BOX, [0], num_classes=1, radius=radius, protocol="released").value
 
     assert released([20.5, 15.0], 0) == 0.0
     assert released([20.5, 15.0], 0.5) == 1.0
@@ -214,8 +214,8 @@ def test_pointing_distance_below_one_pixel():
     # torchray: the distance is to the nearest integer pixel of the box. (20.5, 15): pixel
     # (20, 15), 0.5 away: 0.5 < 0.5 is false (miss), 0.5 < 0.6 (hit). (15.5, 15.5), inside
     # the box between four pixels: sqrt(0.5) = 0.7071 away: a miss at 0.7, a hit at 0.71.
-    def torchray(point, tolerance):
-        return pointing_game([point], CORNER_BOX, [0], num_classes=1, tolerance=tolerance).value
+    def torchray(point, radius):
+        return pointing_game([point], CORNER_BOX, [0], num_classes=1, radius=radius).value
 
     assert torchray([20.5, 15.0], 0.5) == 0.0
     assert torchray([20.5, 15.0], 0.6) == 1.0
@@ -239,8 +239,8 @@ def test_pointing_bad_input():
         PointingGame(num_classes=1, protocol="l2")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="num_classes"):
         PointingGame(num_classes=0)
-    with pytest.raises(ValueError, match="tolerance"):
-        PointingGame(num_classes=1, tolerance=-1)
+    with pytest.raises(ValueError, match="radius"):
+        PointingGame(num_classes=1, radius=-1)
 
 
 # ============================================================================ CorLoc

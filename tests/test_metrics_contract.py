@@ -54,7 +54,7 @@ def make_cases(seed: int = 0) -> dict[str, tuple]:
                                   [(boxes(n), boxes(n)) for n in sizes]),
         "corloc": (CorLoc, metrics.corloc, {},
                    [(boxes(n), boxes(n), rng.integers(0, 3, n)) for n in sizes]),
-        "pointing_game": (PointingGame, metrics.pointing_game, {"num_classes": 4, "tolerance": 2},
+        "pointing_game": (PointingGame, metrics.pointing_game, {"num_classes": 4, "radius": 2},
                           [(rng.uniform(0, 12, (n, 2)), boxes(n), rng.integers(0, 3, n)) for n in sizes]),
         "object_energy": (ObjectEnergy, metrics.object_energy, {},
                           [(maps(n), boxes(n)) for n in sizes]),

@@ -20,25 +20,26 @@ class PointingGame(Metric):
 
     A query is an (image, class) pair with one predicted point (the peak of the class's map in
     image coordinates, :func:`spn.localize.peak_points`). It is a hit when the point is within
-    ``tolerance`` pixels of a ground-truth box of the queried class; a query whose class has no
+    ``radius`` pixels of a ground-truth box of the queried class (Zhang et al. and TorchRay
+    call this radius the pointing game's "tolerance"); a query whose class has no
     box in its image is a miss. The accuracy of a class is ``hits / max(queries, 1)``.
 
     Two protocols, each reproducing a reference implementation exactly:
 
     * ``"torchray"`` (default; TorchRay's ``PointingGame``, the field's re-implementation of
       Zhang et al.'s benchmark): a hit when some pixel of the box lies at Euclidean distance
-      **strictly less** than ``tolerance`` from the point (TorchRay tests
+      **strictly less** than ``radius`` from the point (TorchRay tests
       ``(u - x)^2 + (v - y)^2 < tolerance^2`` over the box's pixels); the result is the mean
       over **all** ``num_classes`` classes, a class without any query counting 0.
     * ``"released"`` (the released SPN code, ``pointing`` in ``demo/experiment/util.py``; the
-      SPN paper's Table 2): each box is enlarged by ``tolerance`` on every side and the point
-      must lie inside, ends included: an L-infinity distance ``<= tolerance``; the mean over
+      SPN paper's Table 2): each box is enlarged by ``radius`` on every side and the point
+      must lie inside, ends included: an L-infinity distance ``<= radius``; the mean over
       the classes that have at least one query (the released code divides by the query count,
       so it has a number only when every class has queries; then the two means agree).
 
     Args:
         num_classes: the number of classes (labels must lie in ``[0, num_classes)``).
-        tolerance: pixels (default 15, both references' default).
+        radius: pixels (default 15, both references' default "tolerance").
         protocol: ``"torchray"`` or ``"released"``.
 
     Example:
@@ -50,18 +51,18 @@ class PointingGame(Metric):
 
     name = "pointing_game"
 
-    def __init__(self, num_classes: int, tolerance: float = 15.0, protocol: PointingProtocol = "torchray") -> None:
+    def __init__(self, num_classes: int, radius: float = 15.0, protocol: PointingProtocol = "torchray") -> None:
         self.num_classes = check_num_classes(num_classes, required=True)
-        self.tolerance = float(tolerance)
-        if not (np.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance!r}")
+        self.radius = float(radius)
+        if not (np.isfinite(self.radius) and self.radius >= 0):
+            raise ValueError(f"radius must be a finite number of pixels >= 0, got {radius!r}")
         if protocol not in ("torchray", "released"):
             raise ValueError(f"protocol must be 'torchray' or 'released', got {protocol!r}")
         self.protocol: PointingProtocol = protocol
         self.reset()
 
     def _config(self) -> dict[str, Any]:
-        return {"num_classes": self.num_classes, "tolerance": self.tolerance, "protocol": self.protocol}
+        return {"num_classes": self.num_classes, "radius": self.radius, "protocol": self.protocol}
 
     def reset(self) -> None:
         self.tally = ClassTally()
@@ -89,8 +90,8 @@ class PointingGame(Metric):
 
     def _is_hit(self, point: np.ndarray, boxes: np.ndarray) -> bool:
         if self.protocol == "torchray":
-            return bool((pixel_distance(point, boxes) < self.tolerance).any())
-        return bool((linf_box_distance(point, boxes) <= self.tolerance).any())
+            return bool((pixel_distance(point, boxes) < self.radius).any())
+        return bool((linf_box_distance(point, boxes) <= self.radius).any())
 
     def compute(self) -> MetricResult:
         """``value``: the mean class accuracy; ``per_class``; ``details``: ``hits``, ``protocol``.
@@ -105,7 +106,7 @@ class PointingGame(Metric):
             value=float(np.mean(list(per_class.values()))),
             count=self.tally.samples,
             per_class=per_class,
-            details={"hits": self.tally.hits, "protocol": self.protocol, "tolerance": self.tolerance},
+            details={"hits": self.tally.hits, "protocol": self.protocol, "radius": self.radius},
         )
 
     def _state(self) -> dict[str, Any]:
@@ -122,7 +123,7 @@ def pointing_game(
     box_labels: Any = None,
     *,
     num_classes: int,
-    tolerance: float = 15.0,
+    radius: float = 15.0,
     protocol: PointingProtocol = "torchray",
 ) -> MetricResult:
     """One-shot :class:`PointingGame` over one batch of queries (same arguments, same result).
@@ -131,6 +132,6 @@ def pointing_game(
         >>> pointing_game([[31, 31]], [[[10, 10, 20, 20]]], [0], num_classes=1, protocol="released").value
         1.0
     """
-    metric = PointingGame(num_classes=num_classes, tolerance=tolerance, protocol=protocol)
+    metric = PointingGame(num_classes=num_classes, radius=radius, protocol=protocol)
     metric.update(points, gt_boxes, labels, box_labels)
     return metric.compute()
