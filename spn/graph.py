@@ -41,8 +41,17 @@ from typing import NamedTuple
 
 import torch
 
-# Elements of one (B, rows, cols) block of the distance matrix; a few such temporaries are alive at once.
-BLOCK_ELEMENTS = 1 << 21
+# Elements of one strip (images, rows, columns) of the distance matrix; a few such temporaries are
+# alive at once (8M: 32 MiB in float32). Images are taken in groups that fit.
+BLOCK_ELEMENTS = 1 << 23
+# Elements a strip aims at (2M: 8 MiB in float32, cache-sized); see _strip_rows. More strips
+# come closer to half the products, shorter ones make less efficient GEMMs.
+STRIP_ELEMENTS = 1 << 21
+# Locations averaged for the centre of each image (any centre near the mean will do).
+CENTRE_SAMPLES = 64
+# Squared norms within which the features are used unscaled (no overflow of d^2, no loss to
+# subnormals); outside, every image is scaled by the exact power of two of `unit_scale`.
+SAFE_SQUARES = {torch.float32: (2.0**-60, 2.0**60), torch.float64: (2.0**-800, 2.0**800)}
 # Per input dtype, (tau, tau_direct): rows with a pair below tau (|v_a|^2 + |v_b|^2) are recomputed
 # by a float64 GEMM, pairs below tau_direct (|v_a|^2 + |v_b|^2) by direct differences in float64.
 # The GEMM form's relative error on d^2 is about gamma_K / tau for the pairs it keeps: float32,
@@ -108,7 +117,7 @@ def unit_scale(vectors: torch.Tensor) -> torch.Tensor:
     """
     if vectors[0].numel() == 0:
         return torch.ones(vectors.shape[0], dtype=vectors.dtype, device=vectors.device)
-    peak = vectors.abs().amax(dim=tuple(range(1, vectors.dim())))
+    peak = vectors.reshape(vectors.shape[0], -1).abs().amax(1)
     smallest, largest = _NORMAL_EXPONENTS[vectors.dtype]
     exponent = torch.frexp(peak).exponent.clamp(-largest, -smallest)
     return _power_of_two(-exponent, vectors.dtype)
@@ -118,21 +127,58 @@ def unit_scale(vectors: torch.Tensor) -> torch.Tensor:
 
 
 class _Rows(NamedTuple):
-    """Recomputed rows of one block: images and local rows (R,), their d^2 (R, c) float64,
-    and the pairs among them computed by direct differences, as (index into R, local column)."""
+    """Rows of a strip recomputed in float64 over the columns `cols` (absolute, a range that holds
+    every near pair of these rows): images and rows local to the strip (R,), d^2 (R, len(cols))
+    float64, and the pairs computed by direct differences, as (index into R, column in cols)."""
 
     image: torch.Tensor
     row: torch.Tensor
+    cols: slice
     squared: torch.Tensor
     direct: tuple[torch.Tensor, torch.Tensor]
 
 
-class _Prepared:
-    """The per-call tensors of the blocked engine, locations in dim 1.
+def _strip_rows(batch: int, n: int, width: int) -> int:
+    """Locations per strip: about STRIP_ELEMENTS / (B n), kept within n/40..n/4 (closer to half
+    the products / longer GEMMs), whole image rows, and at most BLOCK_ELEMENTS / n."""
+    rows = min(max(STRIP_ELEMENTS // max(1, batch * n), n // 40), max(1, n // 4))
+    if rows >= width:
+        rows = -(-rows // width) * width
+    return max(1, min(n, rows, BLOCK_ELEMENTS // n))
 
-    With x = u 2^-e (exact) and v = x - mean (per image and channel): left = [v, |v|^2, 1] and
-    right = [-2 v, 1, |v|^2], (B, n, K + 2), so that left_a . right_b = d_ab^2; squares |v|^2
-    (B, n) float64. x and v in float64 are made only when some row needs recomputing.
+
+def _batches(features: torch.Tensor):
+    """Slices of images whose strips hold at most BLOCK_ELEMENTS elements (at least one image)."""
+    batch, _, height, width = features.shape
+    n = height * width
+    size = max(1, BLOCK_ELEMENTS // (_strip_rows(batch, n, width) * n))
+    return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
+
+
+def _squared_norms(vectors: torch.Tensor) -> torch.Tensor:
+    """sum over dim 1 of vectors^2, (B, K, n) -> (B, n), a few channels at a time: no (B, K, n)
+    temporary, whose allocation (and release to the system) costs as much as the sum."""
+    batch, channels, n = vectors.shape
+    step = max(1, (1 << 20) // max(1, batch * n))
+    squares = vectors[:, :step].square().sum(1)
+    for start in range(step, channels, step):
+        squares += vectors[:, start : start + step].square().sum(1)
+    return squares
+
+
+class _Prepared:
+    """The tensors of the blocked engine for some images, in the features' layout (B, ., n).
+
+    The distance matrix is visited in strips: the rows `rows` against the columns from
+    rows.start to n, the upper triangle only (its first r columns are the strip's own rows).
+
+    x = u s, with s = 1 when the squared norms come out comfortably inside the dtype's range
+    (the common case: no pass over the features to find their scale) and otherwise the exact
+    power of two of `unit_scale`; v = x - centre, per image and channel; squares |v|^2 (B, n).
+    For maps with at least 2K locations, left = [v; |v|^2; 1] and right = [-2 v; 1; |v|^2],
+    (B, K + 2, n), so that left_a . right_b = d_ab^2 (one GEMM per strip); smaller maps keep
+    only v, and a strip is |v_a|^2 + |v_b|^2 - 2 v_a . v_b by baddbmm, which spares the copy.
+    x and v in float64 are made only when some row needs recomputing.
     """
 
     def __init__(self, features: torch.Tensor):
@@ -144,52 +190,79 @@ class _Prepared:
         self.dtype = features.dtype
         self.tau, self.tau_direct = NEAR[self.dtype]
         self.features = features.reshape(batch, channels, n)
-        self.scale = unit_scale(self.features)[:, None, None]
-        # The mean of x per channel, (B, 1, K), as a product with scale / n: no overflow on the
-        # way, whatever the features' magnitude. Any centre near the mean will do.
-        weights = (self.scale / n).expand(batch, n, 1)
-        self.centre = torch.bmm(self.features, weights).transpose(1, 2)
-        self.left = features.new_empty(batch, n, channels + 2)
-        self.right = features.new_empty(batch, n, channels + 2)
-        centred = self.left[..., :channels]
-        torch.addcmul(-self.centre, self.features.transpose(1, 2), self.scale, out=centred)
-        squares = torch.linalg.vector_norm(centred, dim=-1).square_()
-        self.squares = squares.to(torch.float64)
-        self.left[..., channels] = squares
-        self.left[..., channels + 1] = 1.0
-        torch.mul(centred, -2.0, out=self.right[..., :channels])
-        self.right[..., channels] = 1.0
-        self.right[..., channels + 1] = squares
+        self.augmented = n >= 2 * channels
+        self.strip = _strip_rows(batch, n, width)
         self._centred64 = None
+        self._kernel = None
+        self._candidate_bounds = None
+        if not self._setup(scaled=False):
+            self._setup(scaled=True)
+
+    def _setup(self, scaled: bool) -> bool:
+        """Centre (and scale) the features; False if unscaled squared norms are out of SAFE_SQUARES."""
+        batch, channels, n = self.features.shape
+        x = self.features
+        self.scale = unit_scale(x)[:, None, None] if scaled else None
+        # A centre near the mean of x per channel, (B, K, 1): the mean of at most CENTRE_SAMPLES
+        # locations (any centre near the mean will do). Unscaled, it may overflow: then so do the
+        # squares, and the features are scaled.
+        sample = x[:, :, :: max(1, n // CENTRE_SAMPLES)]
+        self.centre = (sample * self.scale if scaled else sample).mean(-1, keepdim=True)
+        self.left = x.new_empty(batch, channels + 2 if self.augmented else channels, n)
+        centred = self.left[:, :channels]
+        if scaled:
+            torch.addcmul(-self.centre, x, self.scale, out=centred)
+        else:
+            torch.sub(x, self.centre, out=centred)
+        squares = _squared_norms(centred)
+        if not scaled:
+            low, high = SAFE_SQUARES[self.dtype]
+            peak = squares.amax(-1)
+            # NaN, or 0 (a constant image, or squares lost to underflow): scaled, to be sure.
+            if not bool(((peak <= high) & (peak >= low)).all()):
+                return False
+        self.squares = squares.to(torch.float64)
+        self.squares_input = squares
+        self.right = None
+        if self.augmented:
+            self.left[:, channels] = squares
+            self.left[:, channels + 1] = 1.0
+            self.right = x.new_empty(batch, channels + 2, n)
+            torch.mul(centred, -2.0, out=self.right[:, :channels])
+            self.right[:, channels] = 1.0
+            self.right[:, channels + 1] = squares
+        return True
 
     # -- pieces
 
+    def strips(self) -> list[slice]:
+        return [slice(start, min(self.n, start + self.strip)) for start in range(0, self.n, self.strip)]
+
     def centred(self, rows: slice) -> torch.Tensor:
-        return self.left[:, rows, : self.channels]
+        """v of the locations `rows`: (B, K, r)."""
+        return self.left[:, : self.channels, rows]
 
     def centred64(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """v in float64 from the exact x (B, n, K), and |v|^2 (B, n): made on first use."""
+        """v in float64 from the exact x, row-major (B, n, K), and |v|^2 (B, n): made on first use."""
         if self._centred64 is None:
-            if self.dtype == torch.float64:
-                self._centred64 = (self.left[..., : self.channels], self.squares)
-            else:
-                v = self.features.transpose(1, 2).to(torch.float64) * self.scale.to(torch.float64)
-                v -= self.centre.to(torch.float64)
-                self._centred64 = (v, v.square().sum(-1))
+            v = self.features.transpose(1, 2).to(torch.float64, memory_format=torch.contiguous_format, copy=True)
+            if self.scale is not None:
+                v *= self.scale.to(torch.float64)
+            v -= self.centre.transpose(1, 2).to(torch.float64)
+            self._centred64 = (v, v.square().sum(-1))
         return self._centred64
 
-    def kernel(self, rows: slice, cols: slice, epsilon: float) -> torch.Tensor:
+    def kernel(self, rows: slice, epsilon: float) -> torch.Tensor:
+        """L~ from `rows` to the locations rows.start..n. When strips start on image rows the kernel
+        of every strip is a slice of the first one's (it depends on offsets only): made once."""
         device = self.left.device
-        index_rows = torch.arange(rows.start, rows.stop, device=device)
-        index_cols = torch.arange(cols.start, cols.stop, device=device)
-        return _kernel(self.width, index_rows, index_cols, epsilon, self.dtype)
-
-    def blocks(self) -> list[slice]:
-        batch, n = self.shape[0], self.n
-        size = max(1, min(n, math.isqrt(max(1, BLOCK_ELEMENTS // max(1, batch)))))
-        count = -(-n // size)
-        size = -(-n // count)
-        return [slice(start, min(n, start + size)) for start in range(0, n, size)]
+        if self.strip % self.width == 0:
+            if self._kernel is None:
+                index = torch.arange(self.n, device=device)
+                self._kernel = _kernel(self.width, index[: self.strip], index, epsilon, self.dtype)
+            return self._kernel[: rows.stop - rows.start, : self.n - rows.start]
+        index = torch.arange(self.n, device=device)
+        return _kernel(self.width, index[rows], index[rows.start :], epsilon, self.dtype)
 
     def _chunks(self, count: int):
         chunk = max(1, BLOCK_ELEMENTS // max(1, self.channels))
@@ -197,8 +270,11 @@ class _Prepared:
 
     def _differences(self, image, a, b) -> torch.Tensor:
         """x_a - x_b in float64 (exact for float32 input), for index tensors of pairs: (P, K)."""
+        x_a, x_b = self.features[image, :, a].to(torch.float64), self.features[image, :, b].to(torch.float64)
+        if self.scale is None:
+            return x_a - x_b
         scale = self.scale[image, 0].to(torch.float64)
-        return self.features[image, :, a].to(torch.float64) * scale - self.features[image, :, b].to(torch.float64) * scale
+        return x_a * scale - x_b * scale
 
     def exact_squared_distances(self, image, a, b) -> torch.Tensor:
         """sum_k (x_ak - x_bk)^2 in float64 by direct differences, for index tensors of pairs."""
@@ -206,11 +282,11 @@ class _Prepared:
         return torch.cat(parts) if parts else self.squares.new_empty(0)
 
     def add_direct(self, grad, coefficients, image, a, b) -> None:
-        """grad[image, a] += C (x_a - x_b) by direct differences, for index tensors of pairs."""
-        flat = grad.view(-1, self.channels)
+        """grad[image, :, a] += C (x_a - x_b) by direct differences, for index tensors of pairs."""
+        transposed = grad.transpose(1, 2)
         for c in self._chunks(image.numel()):
             contribution = coefficients[c].to(torch.float64)[:, None] * self._differences(image[c], a[c], b[c])
-            flat.index_add_(0, image[c] * self.n + a[c], contribution.to(grad.dtype))
+            transposed.index_put_((image[c], a[c]), contribution.to(grad.dtype), accumulate=True)
 
     def _per_image(self, image: torch.Tensor):
         """(image b, slice of the sorted index tensor `image` equal to b) for the images present."""
@@ -222,149 +298,192 @@ class _Prepared:
 
     # -- distances
 
-    def squared_distances(self, rows: slice, cols: slice) -> tuple[torch.Tensor, _Rows | None]:
-        """d^2 from `rows` to `cols`, (B, r, c) in the input's dtype, and the recomputed rows or None."""
-        block = torch.bmm(self.left[:, rows], self.right[:, cols].transpose(1, 2))
-        diagonal = rows == cols
-        if diagonal:
-            block.diagonal(dim1=1, dim2=2).fill_(math.inf)  # not a near pair; exactly 0 below
-        squares_rows, squares_cols = self.squares[:, rows], self.squares[:, cols]
+    def _gemm(self, rows: slice) -> torch.Tensor:
+        if self.augmented:
+            return torch.bmm(self.left[:, :, rows].transpose(1, 2), self.right[:, :, rows.start :])
+        squares = self.squares_input
+        sums = squares[:, rows, None] + squares[:, None, rows.start :]
+        return torch.baddbmm(sums, self.centred(rows).transpose(1, 2), self.centred(slice(rows.start, self.n)), alpha=-2.0)
+
+    def squared_distances(self, rows: slice) -> tuple[torch.Tensor, _Rows | None]:
+        """d^2 from `rows` to rows.start..n, (B, r, w) in the input's dtype, and the recomputed rows or None."""
+        block = self._gemm(rows)
+        r = rows.stop - rows.start
+        diagonal = block[:, :, :r].diagonal(dim1=1, dim2=2)
+        diagonal.fill_(math.inf)  # not a near pair; exactly 0 below
         # A row can hold a near pair only if its smallest d^2 is below tau (|v_a|^2 + max_b |v_b|^2).
-        bound = self.tau * (squares_rows + squares_cols.amax(-1, keepdim=True))
-        candidates = block.amin(-1).to(torch.float64) < bound
-        if diagonal:
-            block.diagonal(dim1=1, dim2=2).fill_(0.0)
+        candidates = block.amin(-1) < self._bounds()[:, rows]
         if not bool(candidates.any()):
+            diagonal.fill_(0.0)
             return block, None
-        recomputed = self.recompute_rows(*candidates.nonzero(as_tuple=True), rows.start, cols)
-        if diagonal:
-            # Close the set under symmetry, so that a near pair (a, b) has both rows recomputed
-            # (the backward pass of a diagonal block is one-sided: row a gives a's gradient).
-            while True:
-                near = recomputed.squared < self.tau * (self.squares[recomputed.image, rows.start + recomputed.row][:, None]
-                                                          + squares_cols[recomputed.image])
-                mark = torch.zeros_like(candidates)
-                mark[recomputed.image[near.nonzero()[:, 0]], near.nonzero()[:, 1]] = True
-                mark &= ~candidates
-                if not bool(mark.any()):
-                    break
-                candidates |= mark
-                recomputed = self.recompute_rows(*candidates.nonzero(as_tuple=True), rows.start, cols)
-        block[recomputed.image, recomputed.row] = recomputed.squared.to(block.dtype)
+        squares = self.squares_input
+        columns = slice(rows.start, self.n)
+        while True:
+            image, row = candidates.nonzero(as_tuple=True)
+            near = block[image, row] < self.tau * (squares[image, rows.start + row][:, None] + squares[image, columns])
+            which, col = near.nonzero(as_tuple=True)
+            # Close the set under symmetry within the strip's own rows, so that a near pair (a, b)
+            # there has both rows recomputed (the backward pass is one-sided there).
+            mark = torch.zeros_like(candidates)
+            inside = col < r
+            mark[image[which[inside]], col[inside]] = True
+            mark &= ~candidates
+            if not bool(mark.any()):
+                break
+            candidates |= mark
+        diagonal.fill_(0.0)
+        if which.numel() == 0:  # only the diagonal was below the bound
+            return block, None
+        first, last = (int(c) for c in torch.aminmax(col))
+        recomputed = self.recompute_rows(image, row, rows.start, slice(rows.start + first, rows.start + last + 1))
+        block[image[:, None], row[:, None], torch.arange(first, last + 1, device=block.device)] = recomputed.squared.to(block.dtype)
         return block, recomputed
 
+    def _bounds(self) -> torch.Tensor:
+        """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns), (B, n) in the input's dtype."""
+        if self._candidate_bounds is None:
+            squares = self.squares_input
+            largest = squares.flip(-1).cummax(-1).values.flip(-1)  # max over b >= a
+            starts = torch.arange(self.n, device=squares.device) // self.strip * self.strip
+            self._candidate_bounds = self.tau * (squares + largest[:, starts])
+        return self._candidate_bounds
+
     def recompute_rows(self, image, row, start: int, cols: slice) -> _Rows:
-        """d^2 of the rows (image, start + row) to `cols` by a float64 GEMM, nearest pairs by direct differences."""
+        """d^2 of the rows (image, start + row) to `cols` by float64 GEMMs, nearest pairs by direct differences."""
         v, squares = self.centred64()
+        rows = start + row
         products = v.new_empty(image.numel(), cols.stop - cols.start)
         for b, part in self._per_image(image):
-            products[part] = v[b, start + row[part]] @ v[b, cols].T
-        sums = squares[image, start + row][:, None] + squares[image, cols]
+            products[part] = v[b, rows[part]] @ v[b, cols].T
+        sums = squares[image, rows][:, None] + squares[image, cols]
         squared = sums - 2.0 * products
-        which, col = (squared < self.tau_direct * sums).nonzero(as_tuple=True)
-        squared[which, col] = self.exact_squared_distances(image[which], start + row[which], cols.start + col)
-        return _Rows(image, row, squared, (which, col))
+        own = (rows >= cols.start) & (rows < cols.stop)  # a location against itself: exactly 0
+        squared[own.nonzero()[:, 0], rows[own] - cols.start] = 0.0
+        nearest = squared < self.tau_direct * sums
+        nearest[own.nonzero()[:, 0], rows[own] - cols.start] = False
+        which, col = nearest.nonzero(as_tuple=True)
+        squared[which, col] = self.exact_squared_distances(image[which], rows[which], cols.start + col)
+        return _Rows(image, row, cols, squared, (which, col))
 
     # -- gradients
 
-    def add_recomputed(self, grad, coefficients, recomputed: _Rows, rows: slice, cols: slice, both_sides: bool) -> None:
-        """grad += the contributions of the recomputed rows' pairs, with coefficients (R, c) float64:
-        float64 GEMMs, direct differences for the nearest pairs. The column side too if `both_sides`."""
-        image, row, _, (which, col) = recomputed
-        a, b = rows.start + row[which], cols.start + col
+    def add_recomputed(self, grad, coefficients, recomputed: _Rows, rows: slice, one_sided: int) -> None:
+        """grad += the contributions of the recomputed rows' pairs over recomputed.cols, coefficients
+        (R, len(cols)) float64: float64 GEMMs, direct differences for the nearest pairs; the rows'
+        side for every column, the columns' side too for columns from `one_sided` (absolute) on."""
+        image, row, cols, _, (which, col) = recomputed
+        rows_abs = rows.start + row
+        a, b = rows_abs[which], cols.start + col
         direct = coefficients[which, col]
         coefficients[which, col] = 0.0
         self.add_direct(grad, direct, image[which], a, b)
-        if both_sides:
-            self.add_direct(grad, direct, image[which], b, a)
+        far = b >= one_sided
+        self.add_direct(grad, direct[far], image[which][far], b[far], a[far])
         v, _ = self.centred64()
+        split = min(max(one_sided - cols.start, 0), cols.stop - cols.start)
         for image_b, part in self._per_image(image):
-            c, v_rows, v_cols = coefficients[part], v[image_b, rows.start + row[part]], v[image_b, cols]
-            grad[image_b].index_add_(0, rows.start + row[part], (v_rows * c.sum(-1, keepdim=True) - c @ v_cols).to(grad.dtype))
-            if both_sides:
-                grad[image_b, cols] += (v_cols * c.sum(0)[:, None] - c.T @ v_rows).to(grad.dtype)
+            c, v_rows, v_cols = coefficients[part], v[image_b, rows_abs[part]], v[image_b, cols]
+            grad[image_b].index_add_(1, rows_abs[part], (v_rows * c.sum(-1, keepdim=True) - c @ v_cols).T.to(grad.dtype))
+            c, v_cols = c[:, split:], v_cols[split:]
+            if c.shape[1]:
+                grad[image_b, :, cols.start + split : cols.stop] += (v_cols * c.sum(0)[:, None] - c.T @ v_rows).T.to(grad.dtype)
 
     def new_gradient(self) -> torch.Tensor:
-        return self.left.new_zeros(self.shape[0], self.n, self.channels)
+        return self.left.new_zeros(self.shape[0], self.channels, self.n)
 
     def to_features(self, grad: torch.Tensor) -> torch.Tensor:
-        """A gradient with respect to the scaled vectors (B, n, K), as one for the features (B, K, H, W)."""
-        batch, channels, height, width = self.shape
-        return (grad * self.scale).transpose(1, 2).contiguous().view(batch, channels, height, width)
-
-
-def _block_pairs(blocks):
-    for i, rows in enumerate(blocks):
-        for cols in blocks[i:]:
-            yield rows, cols
+        """A gradient with respect to the scaled vectors (B, K, n), as one for the features (B, K, H, W)."""
+        return (grad if self.scale is None else grad * self.scale).view(self.shape)
 
 
 def _degrees_impl(features: torch.Tensor, epsilon: float) -> torch.Tensor:
-    prepared = _Prepared(features)
-    deg = torch.zeros(features.shape[0], prepared.n, dtype=torch.float64, device=features.device)
-    for rows, cols in _block_pairs(prepared.blocks()):
-        block, _ = prepared.squared_distances(rows, cols)
-        block.sqrt_().mul_(prepared.kernel(rows, cols, epsilon))
-        deg[:, rows] += block.sum(-1)
-        if rows != cols:
-            deg[:, cols] += block.sum(-2)
+    batch, _, height, width = features.shape
+    deg = torch.zeros(batch, height * width, dtype=torch.float64, device=features.device)
+    for images in _batches(features):
+        prepared = _Prepared(features[images])
+        part = deg[images]
+        for rows in prepared.strips():
+            r = rows.stop - rows.start
+            block, _ = prepared.squared_distances(rows)
+            block.sqrt_().mul_(prepared.kernel(rows, epsilon))
+            part[:, rows] += block.sum(-1)
+            part[:, rows.stop :] += block[:, :, r:].sum(-2)
     return deg
 
 
 def _degrees_backward_impl(grad_deg: torch.Tensor, features: torch.Tensor, epsilon: float) -> torch.Tensor:
-    prepared = _Prepared(features)
-    g = grad_deg.to(prepared.dtype)
-    grad = prepared.new_gradient()
-    for rows, cols in _block_pairs(prepared.blocks()):
-        block, recomputed = prepared.squared_distances(rows, cols)
-        distances = block.sqrt_()
-        weights = torch.where(distances > 0, prepared.kernel(rows, cols, epsilon) / distances, torch.zeros_like(distances))
-        # d deg_a / d d_ab = d deg_b / d d_ab = L_ab: C_ab = (g_a + g_b) L_ab / d_ab
-        coefficients = weights.mul_(g[:, rows, None] + g[:, None, cols])
-        if recomputed is not None:
-            image, row = recomputed.image, recomputed.row
-            exact = coefficients[image, row].to(torch.float64)
-            coefficients[image, row] = 0.0
-            prepared.add_recomputed(grad, exact, recomputed, rows, cols, both_sides=rows != cols)
-        v_rows, v_cols = prepared.centred(rows), prepared.centred(cols)
-        grad[:, rows] += v_rows * coefficients.sum(-1, keepdim=True) - torch.bmm(coefficients, v_cols)
-        if rows != cols:
-            grad[:, cols] += v_cols * coefficients.sum(-2)[..., None] - torch.bmm(coefficients.transpose(1, 2), v_rows)
-    return prepared.to_features(grad)
+    grads = []
+    for images in _batches(features):
+        prepared = _Prepared(features[images])
+        g = grad_deg[images].to(prepared.dtype)
+        grad = prepared.new_gradient()
+        for rows in prepared.strips():
+            r, cols = rows.stop - rows.start, slice(rows.start, prepared.n)
+            block, recomputed = prepared.squared_distances(rows)
+            distances = block.sqrt_()
+            kernel = prepared.kernel(rows, epsilon)
+            weights = torch.where(distances > 0, kernel / distances, torch.zeros_like(distances))
+            # d deg_a / d d_ab = d deg_b / d d_ab = L_ab: C_ab = (g_a + g_b) L_ab / d_ab
+            coefficients = weights.mul_(g[:, rows, None] + g[:, None, cols])
+            if recomputed is not None:
+                image, row, span = recomputed.image, recomputed.row, recomputed.cols
+                local = torch.arange(span.start - rows.start, span.stop - rows.start, device=grad.device)
+                exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
+                coefficients[image[:, None], row[:, None], local] = 0.0
+                prepared.add_recomputed(grad, exact, recomputed, rows, one_sided=rows.stop)
+            v_rows, v_cols = prepared.centred(rows), prepared.centred(cols)
+            # sum_b C_ab (v_a - v_b) = v_a sum_b C_ab - (v C^T)_a; the columns beyond the strip's own
+            # rows get the other side of their pairs (the strip's own pairs appear in both orders).
+            grad[:, :, rows] += v_rows * coefficients.sum(-1)[:, None, :] - torch.bmm(v_cols, coefficients.transpose(1, 2))
+            beyond = coefficients[:, :, r:]
+            grad[:, :, rows.stop :] += v_cols[:, :, r:] * beyond.sum(-2)[:, None, :] - torch.bmm(v_rows, beyond)
+        grads.append(prepared.to_features(grad))
+    return torch.cat(grads) if len(grads) > 1 else grads[0]
 
 
 def _distances_impl(features: torch.Tensor) -> torch.Tensor:
-    prepared = _Prepared(features)
-    out = features.new_empty(features.shape[0], prepared.n, prepared.n)
-    for rows, cols in _block_pairs(prepared.blocks()):
-        block, _ = prepared.squared_distances(rows, cols)
-        block.sqrt_()
-        out[:, rows, cols] = block
-        if rows != cols:
-            out[:, cols, rows] = block.transpose(1, 2)
+    batch, _, height, width = features.shape
+    n = height * width
+    out = features.new_empty(batch, n, n)
+    for images in _batches(features):
+        prepared = _Prepared(features[images])
+        part = out[images]
+        for rows in prepared.strips():
+            r = rows.stop - rows.start
+            block, _ = prepared.squared_distances(rows)
+            block.sqrt_()
+            part[:, rows, rows.start :] = block
+            part[:, rows.stop :, rows] = block[:, :, r:].transpose(1, 2)
     return out
 
 
 def _distances_backward_impl(grad_distances: torch.Tensor, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
-    prepared = _Prepared(features)
-    grad = prepared.new_gradient()
-    everything = slice(0, prepared.n)
-    v_all = prepared.centred(everything)
-    for rows in prepared.blocks():
-        d = distances[:, rows]
-        symmetric = grad_distances[:, rows] + grad_distances[:, :, rows].transpose(1, 2)
-        coefficients = torch.where(d > 0, symmetric / d, torch.zeros_like(d))
-        # The forward pass's split, decided on the distances it returned: rows with a near pair in float64.
-        bound = prepared.tau * (prepared.squares[:, rows, None] + prepared.squares[:, None, :])
-        candidates = ((d.to(torch.float64).square() < bound) & (d > 0)).any(-1)
-        if bool(candidates.any()):
-            image, row = candidates.nonzero(as_tuple=True)
-            recomputed = prepared.recompute_rows(image, row, rows.start, everything)
-            exact = coefficients[image, row].to(torch.float64)
-            coefficients[image, row] = 0.0
-            prepared.add_recomputed(grad, exact, recomputed, rows, everything, both_sides=False)
-        grad[:, rows] += prepared.centred(rows) * coefficients.sum(-1, keepdim=True) - torch.bmm(coefficients, v_all)
-    return prepared.to_features(grad)
+    grads = []
+    for images in _batches(features):
+        prepared = _Prepared(features[images])
+        grad = prepared.new_gradient()
+        v_all = prepared.centred(slice(0, prepared.n))
+        for rows in prepared.strips():
+            d = distances[images, rows]
+            symmetric = grad_distances[images, rows] + grad_distances[images, :, rows].transpose(1, 2)
+            coefficients = torch.where(d > 0, symmetric / d, torch.zeros_like(d))
+            # The forward pass's split, decided on the distances it returned: rows with a near pair in float64.
+            bound = prepared.tau * (prepared.squares[:, rows, None] + prepared.squares[:, None, :])
+            near = (d.to(torch.float64).square() < bound) & (d > 0)
+            if bool(near.any()):
+                image, row = near.any(-1).nonzero(as_tuple=True)
+                first, last = (int(c) for c in torch.aminmax(near[image, row].nonzero()[:, 1]))
+                span = slice(first, last + 1)
+                recomputed = prepared.recompute_rows(image, row, rows.start, span)
+                local = torch.arange(first, last + 1, device=grad.device)
+                exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
+                coefficients[image[:, None], row[:, None], local] = 0.0
+                prepared.add_recomputed(grad, exact, recomputed, rows, one_sided=prepared.n)
+            grad[:, :, rows] += prepared.centred(rows) * coefficients.sum(-1)[:, None, :] - torch.bmm(
+                v_all, coefficients.transpose(1, 2)
+            )
+        grads.append(prepared.to_features(grad))
+    return torch.cat(grads) if len(grads) > 1 else grads[0]
 
 
 # ----------------------------------------------------------------------------- dense composite
