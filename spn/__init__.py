@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 # Loaded on first use (`spn.models`, ...), so that `import spn` stays light: it imports torch
 # and NumPy, never SciPy's ndimage, matplotlib, Pillow, OpenCV or CuPy.
-_SUBMODULES = ("cuda", "localize", "metrics", "models", "reference", "viz")
+_SUBMODULES = ("cuda", "data", "harness", "localize", "metrics", "models", "reference", "viz")
 
 
 def __getattr__(name: str) -> _ModuleType:

@@ -1,4 +1,4 @@
-"""`python -m spn COMMAND` (or the `spn` script): demo, bench."""
+"""`python -m spn COMMAND` (or the `spn` script): train, evaluate, demo, bench."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ import sys
 __all__ = ["COMMANDS", "main"]
 
 COMMANDS = {
+    "train": ("spn.harness.train", "train a WSOL network (resumable; torchrun for several processes)"),
+    "evaluate": ("spn.harness.evaluate", "score a trained run: wsolevaluation's protocol, pointing game, PxAP"),
     "demo": ("spn.demo", "the proposal map of an image, its eigs check and the walk's convergence"),
     "bench": ("spn.bench", "time the backends (forward, forward+backward), write a JSON record"),
 }

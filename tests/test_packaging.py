@@ -87,8 +87,10 @@ def test_extras(metadata):
         extra = re.search(r'extra == "([^"]+)"', requirement)
         name = re.split(r"[<>=~!;\[ ]", requirement)[0].lower()
         extras.setdefault(extra.group(1) if extra else "", set()).add(name)
-    assert set(metadata.get_all("Provides-Extra") or []) == {"pictures", "test", "cuda12", "cuda13"}
+    assert set(metadata.get_all("Provides-Extra") or []) == {"pictures", "digits", "test", "cuda12", "cuda13"}
     assert extras["pictures"] == {"matplotlib", "pillow"}
+    assert {"pillow", "tqdm"} <= extras[""]  # spn.data decodes images, spn train shows progress
+    assert extras["digits"] == {"scikit-learn"} and extras["digits"] <= extras["test"]
     assert extras["pictures"] <= extras["test"]
     assert {"pytest", "hypothesis", "nvidia-cuda-nvrtc-cu12", "opencv-python-headless", "ruff", "mypy"} <= extras[
         "test"
