@@ -8,8 +8,8 @@ and keeps them as accurate as direct differences:
 1. Scale. Each image is multiplied by an exact power of two 2^-e that brings its largest |u|
    near 1. M does not depend on it (D is column normalised), and squared norms can then
    neither overflow nor underflow, for every finite input of every dtype.
-2. Centre. Each channel of each image is shifted by its mean: distances do not change, and
-   squared norms lose the common offset that the matrix-product form would cancel.
+2. Centre. Each channel of each image is shifted by a median of its values: distances do not
+   change, and squared norms lose the common offset that the matrix-product form would cancel.
 3. Matrix product. With v the centred vectors, d_ab^2 = |v_a|^2 + |v_b|^2 - 2 v_a.v_b comes out
    of one GEMM of [v, |v|^2, 1] and [-2 v, 1, |v|^2] in the input's precision, over the blocks
    i <= j of the symmetric distance matrix only: half the products of a full evaluation.
@@ -47,16 +47,18 @@ BLOCK_ELEMENTS = 1 << 23
 # Elements a strip aims at (2M: 8 MiB in float32, cache-sized); see _strip_rows. More strips
 # come closer to half the products, shorter ones make less efficient GEMMs.
 STRIP_ELEMENTS = 1 << 21
-# Locations averaged for the centre of each image (any centre near the mean will do).
+# Locations sampled for the centre of each image (see _Prepared._setup).
 CENTRE_SAMPLES = 64
 # Squared norms within which the features are used unscaled (no overflow of d^2, no loss to
 # subnormals); outside, every image is scaled by the exact power of two of `unit_scale`.
 SAFE_SQUARES = {torch.float32: (2.0**-60, 2.0**60), torch.float64: (2.0**-800, 2.0**800)}
-# Per input dtype, (tau, tau_direct): rows with a pair below tau (|v_a|^2 + |v_b|^2) are recomputed
-# by a float64 GEMM, pairs below tau_direct (|v_a|^2 + |v_b|^2) by direct differences in float64.
-# The GEMM form's relative error on d^2 is about gamma_K / tau for the pairs it keeps: float32,
-# gamma ~ sqrt(K) 2^-24; the float64 recomputation, gamma ~ sqrt(K) 2^-53, against tau_direct.
-NEAR = {torch.float32: (2.0**-5, 2.0**-20), torch.float64: (2.0**-10, 2.0**-10)}
+# Per input dtype, (tau forward, tau backward, tau_direct): rows with a pair below
+# tau (|v_a|^2 + |v_b|^2) are recomputed by float64 GEMMs, pairs below tau_direct (|v_a|^2 + |v_b|^2)
+# by direct differences in float64. The GEMM form's relative error on d^2 is about gamma_K / tau
+# for the pairs it keeps (float32: gamma ~ sqrt(K) 2^-24; float64: sqrt(K) 2^-53). The forward
+# pass tolerates a larger error on near pairs (they are short, and M sums them with all others)
+# than the gradient, whose terms C_ab (v_a - v_b) grow like 1 / d_ab: hence two thresholds.
+NEAR = {torch.float32: (2.0**-8, 2.0**-5, 2.0**-20), torch.float64: (2.0**-10, 2.0**-10, 2.0**-10)}
 # The dense composite (torch.func transforms, forward-mode AD, double backward) holds a few
 # (B, K, n, n) tensors: it refuses more elements than this (2^26: 512 MiB in float64 each).
 DENSE_ELEMENTS = 1 << 26
@@ -181,14 +183,15 @@ class _Prepared:
     x and v in float64 are made only when some row needs recomputing.
     """
 
-    def __init__(self, features: torch.Tensor):
+    def __init__(self, features: torch.Tensor, backward: bool = False):
         batch, channels, height, width = features.shape
         self.shape = (batch, channels, height, width)
         self.n = n = height * width
         self.width = width
         self.channels = channels
         self.dtype = features.dtype
-        self.tau, self.tau_direct = NEAR[self.dtype]
+        forward_tau, backward_tau, self.tau_direct = NEAR[self.dtype]
+        self.tau = backward_tau if backward else forward_tau
         self.features = features.reshape(batch, channels, n)
         self.augmented = n >= 2 * channels
         self.strip = _strip_rows(batch, n, width)
@@ -203,11 +206,12 @@ class _Prepared:
         batch, channels, n = self.features.shape
         x = self.features
         self.scale = unit_scale(x)[:, None, None] if scaled else None
-        # A centre near the mean of x per channel, (B, K, 1): the mean of at most CENTRE_SAMPLES
-        # locations (any centre near the mean will do). Unscaled, it may overflow: then so do the
-        # squares, and the features are scaled.
+        # The centre, (B, K, 1): per channel, the median of at most CENTRE_SAMPLES locations. Any
+        # centre inside the data does; the median sits in the largest group of similar vectors
+        # (a background), whose many pairs it keeps well conditioned. If x is huge, the squares
+        # overflow and the features are scaled.
         sample = x[:, :, :: max(1, n // CENTRE_SAMPLES)]
-        self.centre = (sample * self.scale if scaled else sample).mean(-1, keepdim=True)
+        self.centre = (sample * self.scale if scaled else sample).median(-1, keepdim=True).values
         self.left = x.new_empty(batch, channels + 2 if self.augmented else channels, n)
         centred = self.left[:, :channels]
         if scaled:
@@ -249,7 +253,7 @@ class _Prepared:
             if self.scale is not None:
                 v *= self.scale.to(torch.float64)
             v -= self.centre.transpose(1, 2).to(torch.float64)
-            self._centred64 = (v, v.square().sum(-1))
+            self._centred64 = (v, _squared_norms(v.transpose(1, 2)))
         return self._centred64
 
     def kernel(self, rows: slice, epsilon: float) -> torch.Tensor:
@@ -414,7 +418,7 @@ def _degrees_impl(features: torch.Tensor, epsilon: float) -> torch.Tensor:
 def _degrees_backward_impl(grad_deg: torch.Tensor, features: torch.Tensor, epsilon: float) -> torch.Tensor:
     grads = []
     for images in _batches(features):
-        prepared = _Prepared(features[images])
+        prepared = _Prepared(features[images], backward=True)
         g = grad_deg[images].to(prepared.dtype)
         grad = prepared.new_gradient()
         for rows in prepared.strips():
@@ -460,7 +464,7 @@ def _distances_impl(features: torch.Tensor) -> torch.Tensor:
 def _distances_backward_impl(grad_distances: torch.Tensor, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     grads = []
     for images in _batches(features):
-        prepared = _Prepared(features[images])
+        prepared = _Prepared(features[images], backward=True)
         grad = prepared.new_gradient()
         v_all = prepared.centred(slice(0, prepared.n))
         for rows in prepared.strips():

@@ -207,3 +207,85 @@ def test_rows_recomputed_in_float64_and_direct_differences(dtype, monkeypatch):
             vjp = R.soft_proposal_vjp(u[image], g[image], iterations=iterations, detach=False)
             error = np.abs(x.grad[image].double().numpy() - vjp).max() / np.abs(vjp).max()
             assert error < (1e-11 if dtype == torch.float64 else 1e-5), (iterations, error)
+
+
+# ---------------------------------------------------------------- float32 gradients against a plain evaluation
+
+
+def plain_float32_gradient(features: torch.Tensor, grad_coupled: torch.Tensor, iterations) -> np.ndarray:
+    """dE/dU of V = U M(U) in float32 by autograd of direct differences (0 derivative at d = 0)."""
+    x = features.float().clone().requires_grad_()
+    b, k, h, w = x.shape
+    v = x.reshape(b, k, h * w)
+    squared = (v[:, :, :, None] - v[:, :, None, :]).square().sum(1)
+    positive = squared > 0
+    distances = torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared))
+    weights = distances * torch.from_numpy(R.spatial_kernel(h, w, None)).float()
+    if iterations is None:
+        deg = weights.sum(-1)
+        total = deg.sum(-1, keepdim=True)
+        m = torch.where(total == 0, torch.full_like(deg, 1 / (h * w)), deg / torch.where(total == 0, 1.0, total))
+    else:
+        sums = weights.sum(1, keepdim=True)
+        transfer = torch.where(sums == 0, torch.full_like(weights, 1 / (h * w)), weights / torch.where(sums == 0, 1.0, sums))
+        m = torch.full((b, h * w), 1 / (h * w))
+        for _ in range(iterations):
+            m = (transfer @ m[..., None])[..., 0]
+            m = m / m.sum(-1, keepdim=True)
+    (x * m.reshape(b, 1, h, w)).backward(grad_coupled.float())
+    return x.grad.double().numpy()
+
+
+@given(
+    st.lists(feature_maps(kinds=("grid", "normal", "two_valued"), max_channels=6, max_side=5), min_size=1, max_size=1),
+    st.one_of(st.none(), st.integers(1, 4)),
+    st.integers(0, 2**32 - 1),
+)
+def test_float32_exact_gradient_error_is_at_most_twice_plain_float32(maps, iterations, seed):
+    features = torch.from_numpy(maps[0].astype(np.float32))[None]
+    grad_coupled = torch.from_numpy(np.random.default_rng(seed).standard_normal(features.shape).astype(np.float32))
+    expected = R.soft_proposal_vjp(features[0].double().numpy(), grad_coupled[0].double().numpy(), iterations=iterations, detach=False)
+    x = features.clone().requires_grad_()
+    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
+    scale = np.abs(expected).max()
+    error = np.abs(x.grad[0].double().numpy() - expected).max() / scale
+    plain_error = np.abs(plain_float32_gradient(features, grad_coupled, iterations)[0] - expected).max() / scale
+    assert error <= 2 * plain_error + 1e-6, (error, plain_error)
+
+
+@pytest.mark.parametrize("iterations", [None, 2])
+def test_float32_exact_gradient_with_many_channels_and_near_pairs(iterations):
+    # K = 96 makes the float32 GEMM's rounding visible; a smooth background (neighbours close),
+    # a bright object and exact duplicates put pairs in every tier.
+    rng = np.random.default_rng(5)
+    coarse = torch.from_numpy(rng.standard_normal((2, 96, 3, 3)))
+    u = torch.nn.functional.interpolate(coarse, size=(9, 9), mode="bilinear", align_corners=True).numpy()
+    u[:, :, 3:6, 3:6] += 4.0 * rng.standard_normal((2, 96, 1, 1))
+    u[:, :, 0, :3] = u[:, :, 8, 6:]
+    features = torch.from_numpy(u.astype(np.float32))
+    grad_coupled = torch.from_numpy(rng.standard_normal(u.shape).astype(np.float32))
+    x = features.clone().requires_grad_()
+    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
+    plain = plain_float32_gradient(features, grad_coupled, iterations)
+    for image in range(2):
+        expected = R.soft_proposal_vjp(u[image].astype(np.float32).astype(np.float64), grad_coupled[image].double().numpy(), iterations=iterations, detach=False)
+        scale = np.abs(expected).max()
+        error = np.abs(x.grad[image].double().numpy() - expected).max() / scale
+        plain_error = np.abs(plain[image] - expected).max() / scale
+        assert error <= 2 * plain_error + 1e-7, (error, plain_error)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("offset", [0.0, 1e3])
+def test_identical_vectors_are_exactly_zero_apart(dtype, offset):
+    # Many channels, so that the GEMM form would leave a rounding residue: the nearest pairs are
+    # recomputed by direct differences, and a location against itself is 0 by construction.
+    rng = np.random.default_rng(6)
+    a, b = offset + rng.standard_normal((2, 300, 1, 1))
+    mask = rng.integers(0, 2, size=(1, 5, 6)).astype(bool)
+    features = torch.from_numpy(np.where(mask, a, b)[None]).to(dtype)
+    distances = torch.ops.spn.distances(features)[0]
+    same = torch.from_numpy(mask.reshape(-1)[:, None] == mask.reshape(-1)[None, :])
+    assert torch.equal(distances[same], torch.zeros_like(distances[same]))
+    expected = np.linalg.norm((a - b).ravel())
+    np.testing.assert_allclose(distances[~same].double().numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13)
