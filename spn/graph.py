@@ -8,8 +8,9 @@ and keeps them as accurate as direct differences:
 1. Scale. Each image is multiplied by an exact power of two 2^-e that brings its largest |u|
    near 1. M does not depend on it (D is column normalised), and squared norms can then
    neither overflow nor underflow, for every finite input of every dtype.
-2. Centre. Each channel of each image is shifted by a median of its values: distances do not
-   change, and squared norms lose the common offset that the matrix-product form would cancel.
+2. Centre. Each channel of each image is shifted by the mean of a sample of its values:
+   distances do not change, and squared norms lose the common offset that the matrix-product
+   form would cancel.
 3. Matrix product. With v the centred vectors, d_ab^2 = |v_a|^2 + |v_b|^2 - 2 v_a.v_b comes out
    of one GEMM of [v, |v|^2, 1] and [-2 v, 1, |v|^2] in the input's precision, over the blocks
    i <= j of the symmetric distance matrix only: half the products of a full evaluation.
@@ -206,12 +207,12 @@ class _Prepared:
         batch, channels, n = self.features.shape
         x = self.features
         self.scale = unit_scale(x)[:, None, None] if scaled else None
-        # The centre, (B, K, 1): per channel, the median of at most CENTRE_SAMPLES locations. Any
-        # centre inside the data does; the median sits in the largest group of similar vectors
-        # (a background), whose many pairs it keeps well conditioned. If x is huge, the squares
-        # overflow and the features are scaled.
+        # The centre, (B, K, 1): per channel, the mean of at most CENTRE_SAMPLES locations (any
+        # centre inside the data does; a median, which would sit in a background's group of
+        # similar vectors, costs as much as the rest of a small map's pass). If x is huge, the
+        # mean and the squares overflow, and the features are scaled.
         sample = x[:, :, :: max(1, n // CENTRE_SAMPLES)]
-        self.centre = (sample * self.scale if scaled else sample).median(-1, keepdim=True).values
+        self.centre = (sample * self.scale if scaled else sample).mean(-1, keepdim=True)
         self.left = x.new_empty(batch, channels + 2 if self.augmented else channels, n)
         centred = self.left[:, :channels]
         if scaled:
