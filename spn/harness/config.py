@@ -16,7 +16,7 @@ from typing import Any
 import spn
 from spn.models import Network
 
-__all__ = ["DATASETS", "MODELS", "ConfigError", "RunConfig", "build_dataset", "build_model"]
+__all__ = ["DATASETS", "MODELS", "ConfigError", "RunConfig", "build_dataset", "build_mask_dataset", "build_model"]
 
 MODELS = ("small_sp", "small_cam", "vgg16_sp", "vgg16_cam", "resnet50_sp", "resnet50_cam")
 DATASETS = ("wsol", "voc", "digits")
@@ -164,7 +164,10 @@ def build_dataset(config: RunConfig, split: str, train: bool) -> Any:
     from spn import data
 
     if config.dataset == "voc":
-        return data.VOCDataset(config.data_root(), split, **_transform_options(config, train, default=(256, 224)))
+        voc = getattr(data, "VOCDataset", None)
+        if voc is None:
+            raise ConfigError("--dataset voc: the Pascal VOC loader is not in this version of spn yet")
+        return voc(config.data_root(), split, **_transform_options(config, train, default=(256, 224)))
     if config.dataset == "digits":
         root = config.data_root()
         metadata = Path(config.metadata) if config.metadata else root / "metadata"
@@ -177,6 +180,21 @@ def build_dataset(config: RunConfig, split: str, train: bool) -> Any:
         mask_root=config.mask_root,
         **_transform_options(config, train, default=(256, 224)),
     )
+
+
+def build_mask_dataset(config: RunConfig, split: str) -> Any | None:
+    """The dataset with the masks of ``split`` for PxAP, when the data has one: the digits
+    benchmark writes its masks as a second metadata root beside the boxes' one; a wsol
+    dataset whose localization lists masks (OpenImages) is its own mask dataset."""
+    from spn import data
+
+    if config.dataset != "digits":
+        return None
+    root = config.data_root()
+    return data.WSOLDataset(
+        root / "images", root / "metadata_masks", split, mask_root=root / "masks",
+        **_transform_options(config, False, default=None),
+    )  # fmt: skip
 
 
 def _transform_options(config: RunConfig, train: bool, default: tuple[int, int] | None) -> dict[str, Any]:

@@ -32,7 +32,7 @@ from spn import localize, metrics
 from spn.models import Network
 
 from .checkpoint import CheckpointError, load_checkpoint, write_json
-from .config import ConfigError, RunConfig, build_dataset, build_model
+from .config import ConfigError, RunConfig, build_dataset, build_mask_dataset, build_model
 from .distributed import Context, setup, shard, teardown
 
 __all__ = ["build_parser", "evaluate_run", "main"]
@@ -127,10 +127,17 @@ def evaluate_run(
     if config.dataset == "voc":
         results = _evaluate_multilabel(model, dataset, config, context, batch_size, workers)
     else:
-        threshold_set = build_dataset(config, threshold_split, train=False)
-        threshold = pick_threshold(model, threshold_set, context, batch_size, workers, interval)
-        results = _evaluate_single_label(model, dataset, config, context, batch_size, workers, interval, threshold)
-        results.update(threshold=threshold, threshold_split=threshold_split)
+        has_masks = bool(getattr(dataset, "has_masks", False))
+        mask_set = dataset if has_masks else build_mask_dataset(config, split)
+        box_set = None if has_masks else dataset
+        threshold = None
+        if box_set is not None:
+            threshold_set = build_dataset(config, threshold_split, train=False)
+            threshold = pick_threshold(model, threshold_set, context, batch_size, workers, interval)
+        results = _evaluate_single_label(
+            model, box_set, mask_set, config, context, batch_size, workers, interval, threshold
+        )
+        results.update(threshold=threshold, threshold_split=threshold_split if threshold is not None else None)
     results.update(split=split, run=str(run_dir), model=config.model, method=config.method, preset=config.preset)
     if pictures and context.is_main:
         from .pictures import write_grid
@@ -168,58 +175,72 @@ def pick_threshold(
 
 def _evaluate_single_label(
     model: Network,
-    dataset: Any,
+    box_set: Any | None,
+    mask_set: Any | None,
     config: RunConfig,
     context: Context,
     batch_size: int,
     workers: int,
     interval: float,
-    threshold: float,
+    threshold: float | None,
 ) -> dict[str, Any]:
+    """Classification and box metrics over ``box_set`` (at ``threshold`` for GT-known / top-1
+    localisation), PxAP over ``mask_set``; classification from the mask set when there are no boxes."""
     num_classes = int(config.num_classes or 1)
-    box_accuracy = metrics.BoxAccuracy(version=2, interval=interval)
-    localization = metrics.LocalizationAccuracy()
-    pointing = metrics.PointingGame(num_classes=num_classes)
-    pixel_ap = metrics.PxAP(interval=interval) if getattr(dataset, "has_masks", False) else None
+    results: dict[str, Any] = {"metrics": {}}
+    classification = box_set if box_set is not None else mask_set
     counts = torch.zeros(3, dtype=torch.float64)  # top-1 correct, top-5 correct, images
-    for batch in _loader(dataset, context, batch_size, workers):
-        logits, maps = _ground_truth_maps(model, batch, context.device)
-        labels = batch["label"]
-        ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        counts += torch.tensor(
-            [(ranked[:, 0] == labels).sum(), (ranked == labels[:, None]).any(1).sum(), len(labels)], dtype=torch.float64
-        )
-        box_accuracy.update(maps, batch["boxes"])
-        boxes_at_threshold = [localize.wsol_boxes(m, [threshold])[0] for m in maps]
-        localization.update(boxes_at_threshold, batch["boxes"], pred_labels=ranked[:, 0], labels=labels)
-        pointing.update(localize.peak_points(maps), batch["boxes"], labels)
-        if pixel_ap is not None:
-            pixel_ap.update(maps, batch["mask"], batch.get("ignore"))
-    if context.distributed:
-        torch.distributed.all_reduce(counts)
-    for metric in (box_accuracy, localization, pointing, pixel_ap):
-        if metric is not None:
+    if box_set is not None:
+        box_accuracy = metrics.BoxAccuracy(version=2, interval=interval)
+        localization = metrics.LocalizationAccuracy()
+        pointing = metrics.PointingGame(num_classes=num_classes)
+        for batch in _loader(box_set, context, batch_size, workers):
+            logits, maps = _ground_truth_maps(model, batch, context.device)
+            ranked = _count_classification(counts, logits, batch["label"])
+            box_accuracy.update(maps, batch["boxes"])
+            at_threshold = [localize.wsol_boxes(m, [float(threshold or 0.0)])[0] for m in maps]
+            localization.update(at_threshold, batch["boxes"], pred_labels=ranked[:, 0], labels=batch["label"])
+            pointing.update(localize.peak_points(maps), batch["boxes"], batch["label"])
+        for metric in (box_accuracy, localization, pointing):
             metric.sync()
-    top1, top5, images = counts.tolist()
-    box = box_accuracy.compute()
-    loc = localization.compute()
-    results: dict[str, Any] = {
-        "images": int(images),
-        "top1_cls": top1 / images,
-        "top5_cls": top5 / images if num_classes >= 5 else None,
-        "max_box_acc_v2": box.value,
-        "max_box_acc_v2_per_iou": {str(key): value for key, value in box.details["per_iou"].items()},
-        "gt_known_loc": loc.value,
-        "top1_loc": loc.details["top1_loc"],
-        "pointing_game": pointing.compute().value,
-        "metrics": {result.name: result.to_dict() for result in (box, loc, pointing.compute())},
-    }
-    for key in ("metrics",):
-        results[key]["max_box_acc_v2"]["details"].pop("box_acc", None)  # curves: large, in the per-IoU values
-    if pixel_ap is not None:
+        box, loc, game = box_accuracy.compute(), localization.compute(), pointing.compute()
+        results.update(
+            max_box_acc_v2=box.value,
+            max_box_acc_v2_per_iou={str(key): value for key, value in box.details["per_iou"].items()},
+            gt_known_loc=loc.value,
+            top1_loc=loc.details["top1_loc"],
+            pointing_game=game.value,
+        )
+        for result in (box, loc, game):
+            results["metrics"][result.name] = result.to_dict()
+        results["metrics"]["max_box_acc_v2"]["details"].pop("box_acc", None)  # the curves: large
+    if mask_set is not None:
+        pixel_ap = metrics.PxAP(interval=interval)
+        for batch in _loader(mask_set, context, batch_size, workers):
+            logits, maps = _ground_truth_maps(model, batch, context.device)
+            if classification is mask_set:
+                _count_classification(counts, logits, batch["label"])
+            pixel_ap.update(maps, batch["mask"], batch["ignore"])
+        pixel_ap.sync()
         pxap = pixel_ap.compute()
         results["pxap"] = pxap.value
+        results["metrics"]["pxap"] = {key: value for key, value in pxap.to_dict().items() if key != "details"}
+    if context.distributed:
+        torch.distributed.all_reduce(counts)
+    top1, top5, images = counts.tolist()
+    results.update(
+        images=int(images), top1_cls=top1 / images, top5_cls=top5 / images if num_classes >= 5 else None
+    )
     return results
+
+
+def _count_classification(counts: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Add top-1 and top-5 hits and the image count to ``counts``; returns the top-k ranking."""
+    ranked = logits.topk(min(5, logits.shape[1]), dim=1).indices
+    counts += torch.tensor(
+        [(ranked[:, 0] == labels).sum(), (ranked == labels[:, None]).any(1).sum(), len(labels)], dtype=torch.float64
+    )
+    return ranked
 
 
 def _evaluate_multilabel(

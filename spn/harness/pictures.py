@@ -54,5 +54,6 @@ def write_grid(
         row, column = divmod(index, columns)
         top, left = row * (height + 2), column * (width + 2)
         grid[top : top + height, left : left + width] = tile
+    path.parent.mkdir(parents=True, exist_ok=True)
     viz.save_png(path, grid)
     return path

@@ -281,7 +281,7 @@ def _check_same_run(config: RunConfig, state: dict[str, Any], path: Path) -> Non
     import json
 
     saved = json.loads(state.get("config", "{}"))
-    mine = config.to_dict()
+    mine = json.loads(json_config(config))  # both through JSON: tuples become lists on both sides
     # what may change between a run and its resumption: how long, how fast, where the data is
     free = {"epochs", "workers", "data", "metadata", "mask_root", "num_classes", "out"}
     differing = sorted(key for key in set(saved) | set(mine) if key not in free and saved.get(key) != mine.get(key))

@@ -1,0 +1,14 @@
+"""Datasets for training and evaluating WSOL models.
+
+    wsol.py        wsolevaluation's metadata layout (CUB, ILSVRC, OpenImages, and the digits)
+    digits.py      the offline benchmark made from scikit-learn's handwritten digits
+    transforms.py  resize, random crop, flip (Pillow and torch)
+
+Every dataset item is a dict with the same keys (``docs/data.md``), batched by :func:`collate`.
+Bad data raises :class:`DataError` naming the file and line, when the dataset is built.
+"""
+
+from ._errors import DataError
+from .wsol import WSOLDataset, collate
+
+__all__ = ["DataError", "WSOLDataset", "collate"]

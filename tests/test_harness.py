@@ -1,0 +1,160 @@
+"""`spn train` / `spn evaluate` end to end on a small digits benchmark: the commands' help,
+train -> evaluate, resume after kill -9 equal to an uninterrupted run, two processes under
+torchrun equal to one, and the errors of bad runs (nothing written is lost)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from spn.__main__ import main as spn_main
+from spn.data.digits import DigitsBenchmark, write_benchmark
+from spn.harness.checkpoint import load_checkpoint
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+SMALL = DigitsBenchmark(
+    image_size=48, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=(14, 22), distractor_size=(8, 12)
+)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    root = tmp_path_factory.mktemp("digits")
+    write_benchmark(root, SMALL, seed=0)
+    return root
+
+
+def train_args(data: Path, out: Path, *extra: str, epochs: int = 2, model: str = "small_sp") -> list[str]:
+    return [
+        "train", "--dataset", "digits", "--data", str(data), "--model", model, "--epochs", str(epochs),
+        "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run / "checkpoint.pt")["model"]
+
+
+@pytest.mark.parametrize("command", ["train", "evaluate", "demo", "bench"])
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as stop:
+        spn_main([command, "--help"])
+    assert stop.value.code == 0
+    assert "usage:" in capsys.readouterr().out
+
+
+def test_train_then_evaluate(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert spn_main(train_args(digits, run)) == 0
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["num_classes"], config["dataset"]) == ("small_sp", 10, "digits")
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2]
+    assert lines[0]["images"] == 40  # 40 training images, batches of 8, full batches only
+    out = tmp_path / "eval.json"
+    pictures = tmp_path / "pictures"
+    assert spn_main(["evaluate", "--run", str(run), "--split", "test", "--json", str(out),
+                     "--pictures", str(pictures), "--interval", "0.01"]) == 0  # fmt: skip
+    result = json.loads(out.read_text())
+    for key in ("top1_cls", "top5_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pxap"):
+        assert 0.0 <= result[key] <= 1.0, key
+    assert result["images"] == 20
+    assert 0.0 <= result["threshold"] <= 1.0 and result["threshold_split"] == "val"
+    assert (pictures / "test.png").stat().st_size > 0
+
+
+def test_resume_after_kill_minus_9_ends_with_the_same_weights(digits, tmp_path):
+    uninterrupted = tmp_path / "whole"
+    assert spn_main(train_args(digits, uninterrupted, epochs=4)) == 0
+    run = tmp_path / "killed"
+    command = [sys.executable, "-m", "spn", *train_args(digits, run, epochs=4)]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and process.poll() is None:
+        checkpoint = run / "checkpoint.pt"
+        if checkpoint.exists() and load_checkpoint(checkpoint)["epoch"] >= 1:
+            break
+        time.sleep(0.02)
+    time.sleep(0.1)  # into the second epoch
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run ended before it could be killed: make it longer"
+    killed_at = load_checkpoint(run / "checkpoint.pt")["epoch"]
+    assert 1 <= killed_at < 4
+    assert not [path for path in run.iterdir() if path.name.endswith(".tmp")]  # no half-written file
+    assert spn_main([*train_args(digits, run, epochs=4), "--resume"]) == 0
+    expected, got = weights(uninterrupted), weights(run)
+    assert expected.keys() == got.keys()
+    for key in expected:
+        assert torch.equal(expected[key], got[key]), key
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4]  # no duplicated epochs
+
+
+def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
+    # GroupNorm: per-image statistics (BatchNorm would couple the two halves of the batch,
+    # and SyncBatchNorm does not run on CPU); the SoftProposal head and SGD are otherwise exact.
+    extra = ("--norm", "group")
+    single = tmp_path / "single"
+    assert spn_main(train_args(digits, single, *extra, epochs=2)) == 0
+    double = tmp_path / "double"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "spn", *train_args(digits, double, *extra, epochs=2),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    one, two = weights(single), weights(double)
+    for key in one:
+        # same global batch of 8 (4 per process), gradients averaged by DDP: equal up to the
+        # order of floating-point sums
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_existing_run_is_not_overwritten(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert spn_main(train_args(digits, run, epochs=1)) == 0
+    before = (run / "checkpoint.pt").read_bytes()
+    assert spn_main(train_args(digits, run, epochs=1)) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_resume_without_a_checkpoint_names_it(digits, tmp_path, capsys):
+    run = tmp_path / "empty"
+    assert spn_main([*train_args(digits, run), "--resume"]) == 2
+    assert f"{run / 'checkpoint.pt'}: no checkpoint there" in capsys.readouterr().err
+
+
+def test_resume_with_a_checkpoint_of_another_model_is_refused(digits, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert spn_main(train_args(digits, run, epochs=1, model="small_cam")) == 0
+    assert spn_main([*train_args(digits, run, epochs=2, model="small_sp"), "--resume"]) == 2
+    error = capsys.readouterr().err
+    assert "checkpoint is of another run" in error and "small_cam" in error
+
+
+def test_malformed_metadata_is_reported_with_file_and_line_before_training(digits, tmp_path, capsys):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(digits, broken)
+    labels = broken / "metadata" / "train" / "class_labels.txt"
+    lines = labels.read_text().splitlines()
+    lines[2] = lines[2].split(",")[0] + ",seven"
+    labels.write_text("\n".join(lines) + "\n")
+    run = tmp_path / "run"
+    assert spn_main(train_args(broken, run)) == 2
+    error = capsys.readouterr().err
+    assert f"{labels}:3" in error
+    assert not (run / "checkpoint.pt").exists()
