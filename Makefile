@@ -3,7 +3,9 @@
 #   (nvidia-cuda-nvrtc-cu12: the compile check of the CUDA sources), opencv-python-headless,
 #   ruff and mypy; not CuPy. On a GPU machine: `make test EXTRAS=test,cuda12`.
 # make lint: ruff and mypy (both run; fails when either fails).
-# make demo: the proposal map of a built-in image, written to out/demo.png.
+# make demo: the pipeline end to end at a small size: generate the digits benchmark, train SPN
+#   and CAM for 2 epochs, evaluate both (out/demo/results.md, out/demo/pictures/), then the
+#   proposal map of a built-in image (out/demo/proposal.png). Re-running keeps finished runs.
 # On CPU machines torch is pinned to 2.13.0, for which a local CPU wheel exists; a loose
 # `torch` would pull the multi-GB CUDA build. Override with e.g. `make test TORCH=torch==2.11.0`.
 PYTHON ?= python3
@@ -31,7 +33,9 @@ lint: venv
 	test $$ruff -eq 0 -a $$mypy -eq 0
 
 demo: venv
-	$(BIN)/python -m spn demo --out out/demo.png
+	$(BIN)/python -m spn compare --out out/demo --variants small_sp small_cam --seeds 0 --epochs 2 \
+		--widths 16 32 64 --interval 0.01
+	$(BIN)/python -m spn demo --out out/demo/proposal.png
 
 bench: venv
 	$(BIN)/python -m spn bench

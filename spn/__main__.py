@@ -10,6 +10,7 @@ __all__ = ["COMMANDS", "main"]
 COMMANDS = {
     "train": ("spn.harness.train", "train a WSOL network (resumable; torchrun for several processes)"),
     "evaluate": ("spn.harness.evaluate", "score a trained run: wsolevaluation's protocol, pointing game, PxAP"),
+    "compare": ("spn.harness.compare", "train and evaluate several variants over seeds; a mean +/- std table"),
     "demo": ("spn.demo", "the proposal map of an image, its eigs check and the walk's convergence"),
     "bench": ("spn.bench", "time the backends (forward, forward+backward), write a JSON record"),
 }

@@ -158,3 +158,26 @@ def test_malformed_metadata_is_reported_with_file_and_line_before_training(digit
     error = capsys.readouterr().err
     assert f"{labels}:3" in error
     assert not (run / "checkpoint.pt").exists()
+
+
+def test_compare_tabulates_mean_and_spread_and_keeps_finished_runs(digits, tmp_path, capsys):
+    out = tmp_path / "compare"
+    args = ["compare", "--out", str(out), "--data", str(digits), "--variants", "small_sp", "small_cam",
+            "--seeds", "0", "1", "--epochs", "1", "--batch-size", "8", "--widths", "8", "16",
+            "--interval", "0.05", "--pointing-radius", "4"]  # fmt: skip
+    assert spn_main(args) == 0
+    records = json.loads((out / "results.json").read_text())
+    runs = [(r["variant"], r["seed"]) for r in records]
+    assert runs == [("small_sp", 0), ("small_sp", 1), ("small_cam", 0), ("small_cam", 1)]
+    assert all(r["pointing_radius"] == 4 for r in records)
+    table = (out / "results.md").read_text().splitlines()
+    row = next(line for line in table if line.startswith("| small_sp |"))
+    values = [r["top1_cls"] * 100 for r in records if r["variant"] == "small_sp"]
+    mean = sum(values) / 2
+    spread = abs(values[0] - values[1]) / 2**0.5  # the sample standard deviation of two values
+    assert f"{mean:.1f} ± {spread:.1f}" in row
+    checkpoint = out / "runs" / "small_sp-seed0" / "checkpoint.pt"
+    before = checkpoint.stat().st_mtime_ns
+    assert spn_main(args) == 0  # re-run: evaluates again, trains nothing
+    assert checkpoint.stat().st_mtime_ns == before
+    assert (out / "pictures" / "small_cam" / "test.png").exists()

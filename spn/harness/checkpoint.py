@@ -18,7 +18,15 @@ from typing import IO, Any
 
 import torch
 
-__all__ = ["CheckpointError", "append_jsonl", "load_checkpoint", "save_checkpoint", "write_atomic", "write_json"]
+__all__ = [
+    "CheckpointError",
+    "append_jsonl",
+    "load_checkpoint",
+    "save_checkpoint",
+    "write_atomic",
+    "write_json",
+    "write_text",
+]
 
 FORMAT = 1
 
@@ -42,6 +50,12 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def write_text(path: str | os.PathLike[str], text: str) -> None:
+    """``text`` as UTF-8, written atomically."""
+    data = text.encode()
+    write_atomic(path, lambda file: _write_all(file, data))
 
 
 def write_json(path: str | os.PathLike[str], value: Any) -> None:

@@ -53,6 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.001, help="map threshold step (wsolevaluation: 0.001)")
+    parser.add_argument(
+        "--pointing-radius", type=float, default=15.0,
+        help="pointing-game radius in pixels of the evaluation size (TorchRay: 15, for ~500 px VOC images)",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"))
     return parser
 
@@ -72,6 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             interval=args.interval,
+            pointing_radius=args.pointing_radius,
             context=context,
         )
         if context.is_main:
@@ -117,6 +122,7 @@ def evaluate_run(
     batch_size: int = 32,
     workers: int = 0,
     interval: float = 0.001,
+    pointing_radius: float = 15.0,
     context: Context | None = None,
 ) -> dict[str, Any]:
     """Score ``run_dir`` on ``split``; returns the dict written to ``OUT.json``."""
@@ -135,10 +141,11 @@ def evaluate_run(
             threshold_set = build_dataset(config, threshold_split, train=False)
             threshold = pick_threshold(model, threshold_set, context, batch_size, workers, interval)
         results = _evaluate_single_label(
-            model, box_set, mask_set, config, context, batch_size, workers, interval, threshold
+            model, box_set, mask_set, config, context, batch_size, workers, interval, threshold, pointing_radius
         )
         results.update(threshold=threshold, threshold_split=threshold_split if threshold is not None else None)
     results.update(split=split, run=str(run_dir), model=config.model, method=config.method, preset=config.preset)
+    results["pointing_radius"] = pointing_radius
     if pictures and context.is_main:
         from .pictures import write_grid
 
@@ -183,6 +190,7 @@ def _evaluate_single_label(
     workers: int,
     interval: float,
     threshold: float | None,
+    pointing_radius: float = 15.0,
 ) -> dict[str, Any]:
     """Classification and box metrics over ``box_set`` (at ``threshold`` for GT-known / top-1
     localisation), PxAP over ``mask_set``; classification from the mask set when there are no boxes."""
@@ -193,7 +201,7 @@ def _evaluate_single_label(
     if box_set is not None:
         box_accuracy = metrics.BoxAccuracy(version=2, interval=interval)
         localization = metrics.LocalizationAccuracy()
-        pointing = metrics.PointingGame(num_classes=num_classes)
+        pointing = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
         for batch in _loader(box_set, context, batch_size, workers):
             logits, maps = _ground_truth_maps(model, batch, context.device)
             ranked = _count_classification(counts, logits, batch["label"])
