@@ -2,7 +2,7 @@
 #   The `test` extra is pytest, hypothesis, matplotlib, Pillow, the NVRTC library
 #   (nvidia-cuda-nvrtc-cu12: the compile check of the CUDA sources), opencv-python-headless,
 #   ruff and mypy; not CuPy. On a GPU machine: `make test EXTRAS=test,cuda12`.
-# make lint: ruff and mypy (both run; fails when either fails).
+# make lint: ruff on everything and mypy on the typed package spn (both run; fails when either fails).
 # make demo: the pipeline end to end at a small size: generate the digits benchmark, train SPN
 #   and CAM for 2 epochs, evaluate both (out/demo/results.md, out/demo/pictures/), then the
 #   proposal map of a built-in image (out/demo/proposal.png). Re-running keeps finished runs.
@@ -29,7 +29,7 @@ test: venv
 	$(BIN)/python -m pytest -q
 
 lint: venv
-	$(BIN)/python -m ruff check .; ruff=$$?; $(BIN)/python -m mypy spn tests; mypy=$$?; \
+	$(BIN)/python -m ruff check .; ruff=$$?; $(BIN)/python -m mypy spn; mypy=$$?; \
 	test $$ruff -eq 0 -a $$mypy -eq 0
 
 demo: venv
