@@ -181,3 +181,21 @@ def test_compare_tabulates_mean_and_spread_and_keeps_finished_runs(digits, tmp_p
     assert spn_main(args) == 0  # re-run: evaluates again, trains nothing
     assert checkpoint.stat().st_mtime_ns == before
     assert (out / "pictures" / "small_cam" / "test.png").exists()
+
+
+def test_random_crops_do_not_depend_on_the_loader_workers(digits, tmp_path):
+    # each sample's crop is seeded by (seed, epoch, index): 0 or 2 worker processes, same weights
+    crops = ("--resize", "48", "--crop", "40")
+    one, two = tmp_path / "w0", tmp_path / "w2"
+    assert spn_main(train_args(digits, one, *crops, "--workers", "0", epochs=1)) == 0
+    assert spn_main(train_args(digits, two, *crops, "--workers", "2", epochs=1)) == 0
+    for key, value in weights(one).items():
+        assert torch.equal(value, weights(two)[key]), key
+
+
+def test_bf16_autocast_trains(digits, tmp_path):
+    run = tmp_path / "bf16"
+    assert spn_main(train_args(digits, run, "--bf16", epochs=1)) == 0
+    line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["loss"] == line["loss"] and line["loss"] > 0  # finite, not NaN
+    assert json.loads((run / "config.json").read_text())["bf16"] is True
