@@ -1,6 +1,7 @@
 """Datasets for training and evaluating WSOL models.
 
     wsol.py        wsolevaluation's metadata layout (CUB, ILSVRC, OpenImages, and the digits)
+    voc.py         Pascal VOC (VOCdevkit/VOC2007): multi-label images, boxes, difficult flags
     digits.py      the offline benchmark made from scikit-learn's handwritten digits
     transforms.py  resize, random crop, flip (Pillow and torch)
 
@@ -9,6 +10,7 @@ Bad data raises :class:`DataError` naming the file and line, when the dataset is
 """
 
 from ._errors import DataError
+from .voc import VOC_CLASSES, VOCDataset
 from .wsol import WSOLDataset, collate
 
-__all__ = ["DataError", "WSOLDataset", "collate"]
+__all__ = ["VOC_CLASSES", "DataError", "VOCDataset", "WSOLDataset", "collate"]

@@ -61,6 +61,7 @@ class RunConfig:
     dropout: float = 0.0
     backbone_weights: str | None = None
     digits_seed: int = 0
+    train_split: str | None = None  # None: "trainval" for voc, "train" otherwise
     num_classes: int | None = None  # filled in from the data
     spn_version: str = spn.__version__
 
@@ -121,6 +122,11 @@ class RunConfig:
         if self.lr_classifier_ratio is not None:
             return float(self.lr_classifier_ratio)
         return 10.0 if self.backbone_weights else 1.0
+
+    def training_split(self) -> str:
+        if self.train_split is not None:
+            return self.train_split
+        return "trainval" if self.dataset == "voc" else "train"
 
     def flips(self) -> bool:
         return (self.dataset != "digits") if self.flip is None else bool(self.flip)

@@ -72,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--backbone-weights", metavar="FILE", help="torchvision-layout weights (never downloaded)")
     parser.add_argument("--digits-seed", type=int, default=0, help="digits: the benchmark's generation seed")
+    parser.add_argument("--train-split", help="the split to train on (default trainval for voc, else train)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda when available")
     return parser
 
@@ -120,7 +121,7 @@ def run(config: RunConfig, resume: bool = False, context: Context | None = None)
 
         write_benchmark(config.data_root(), seed=config.digits_seed)
     context.barrier()
-    dataset = build_dataset(config, "train", train=True)
+    dataset = build_dataset(config, config.training_split(), train=True)
     num_classes = int(dataset.num_classes)
     if config.num_classes is not None and config.num_classes != num_classes:
         raise ConfigError(f"the data has {num_classes} classes, the run was made for {config.num_classes}")
