@@ -14,7 +14,17 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
-__all__ = ["as_map_batch", "check_finite_maps", "check_size", "to_numpy"]
+__all__ = ["ArrayLike", "BoxesLike", "MasksLike", "as_map_batch", "check_finite_maps", "check_size", "to_numpy"]
+
+ArrayLike = torch.Tensor | npt.ArrayLike
+"""A tensor (any device) or anything ``numpy.asarray`` accepts: maps, points, labels."""
+
+BoxesLike = torch.Tensor | np.ndarray | Sequence[ArrayLike]
+"""Per-image boxes: a ``(B, 4)`` / ``(B, m, 4)`` tensor or array, or a sequence of ``B``
+``(m_i, 4)`` ones (``m_i`` may differ); per-box labels likewise as ``B`` ``(m_i,)``."""
+
+MasksLike = torch.Tensor | np.ndarray | Sequence[ArrayLike | None]
+"""Per-image masks: a ``(B, H, W)`` tensor or array, or ``B`` ``(H, W)`` / ``(m, H, W)`` ones."""
 
 
 def to_numpy(value: Any, dtype: npt.DTypeLike | None = None) -> np.ndarray:

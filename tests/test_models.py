@@ -399,3 +399,12 @@ def test_resnet50_weights_load_from_a_torchvision_layout_file(tmp_path):
     del state["layer1.0.conv1.weight"]
     with pytest.raises(ValueError, match=r"missing keys: layer1\.0\.conv1\.weight"):
         load_resnet50_features(resnet50_cam(5), state)
+
+
+def test_importing_the_models_does_not_load_the_localization_stack():
+    import subprocess
+    import sys
+
+    code = "import sys, spn.models; print(sorted(m for m in ('scipy.ndimage', 'spn.localize') if m in sys.modules))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"

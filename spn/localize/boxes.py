@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from spn._convert import as_map_batch, check_size, to_numpy
+from spn._convert import ArrayLike, as_map_batch, check_size, to_numpy
 
 from ._regions import component_boxes, label_components, mask_box, region_scores
 
@@ -24,7 +24,7 @@ def _check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
-def foreground_masks(maps: Any, threshold: ThresholdMode = "mean", ratio: float = 1.0) -> np.ndarray:
+def foreground_masks(maps: ArrayLike, threshold: ThresholdMode = "mean", ratio: float = 1.0) -> np.ndarray:
     """Foreground of each map: ``map >= ratio * mean(map)`` or ``map >= ratio * max(map)``.
 
     ``threshold="mean"`` with ``ratio=1`` is the SPN paper's rule. The comparison is ``>=`` as
@@ -58,7 +58,7 @@ def foreground_masks(maps: Any, threshold: ThresholdMode = "mean", ratio: float 
 
 
 def boxes_from_maps(
-    maps: Any,
+    maps: ArrayLike,
     threshold: ThresholdMode = "mean",
     ratio: float = 1.0,
     per_component: bool = False,

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from spn._convert import as_map_batch, check_size
+from spn._convert import ArrayLike, as_map_batch, check_size
 
 __all__ = ["cell_centres", "peak_points"]
 
@@ -26,7 +26,7 @@ def cell_centres(indices: Any, map_length: int, image_length: int) -> np.ndarray
     return (np.asarray(indices, dtype=np.float64) + 0.5) * (image_length / map_length) - 0.5
 
 
-def peak_points(maps: Any, size: Sequence[int] | None = None) -> np.ndarray:
+def peak_points(maps: ArrayLike, size: Sequence[int] | None = None) -> np.ndarray:
     """Location of the maximum of each map, as ``(x, y)`` coordinates.
 
     Ties go to the first maximum in row-major order (smallest row, then smallest column).

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from spn._convert import as_map_batch, to_numpy
+from spn._convert import ArrayLike, as_map_batch, to_numpy
 
 from ._regions import (
     component_boxes,
@@ -197,7 +197,7 @@ def _check_largest(largest: str) -> LargestRule:
 
 
 def iter_wsol_boxes(
-    scoremap: Any,
+    scoremap: ArrayLike,
     thresholds: Sequence[float] | np.ndarray,
     *,
     multi_contour: bool = False,
@@ -236,7 +236,7 @@ def iter_wsol_boxes(
 
 
 def wsol_boxes(
-    scoremap: Any,
+    scoremap: ArrayLike,
     thresholds: Sequence[float] | np.ndarray,
     *,
     multi_contour: bool = False,

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from spn._convert import as_map_batch
+from spn._convert import ArrayLike, BoxesLike, as_map_batch
 from spn.localize.wsol import LargestRule, iter_wsol_boxes
 
 from ._geometry import pixel_box_iou
@@ -97,7 +97,7 @@ class BoxAccuracy(Metric):
         self.num_correct = np.zeros((len(self.iou_thresholds), len(self.thresholds)), dtype=np.int64)
         self.num_images = 0
 
-    def update(self, maps: Any, gt_boxes: Any) -> None:
+    def update(self, maps: ArrayLike, gt_boxes: BoxesLike) -> None:
         """Add maps ``(B, H, W)`` and their ground-truth boxes (``B`` arrays ``(m_i, 4)`` in the
         maps' pixel frame)."""
         array = as_map_batch(maps, keep_float32=True)
@@ -158,8 +158,8 @@ class BoxAccuracy(Metric):
 
 
 def box_accuracy(
-    maps: Any,
-    gt_boxes: Any,
+    maps: ArrayLike,
+    gt_boxes: BoxesLike,
     *,
     version: int = 2,
     interval: float = 0.001,

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from spn._convert import ArrayLike, BoxesLike
+
 from ._geometry import best_iou, boxes_of_class
 from ._inputs import as_box_list, as_label_list, as_labels, batch_size_of, check_fraction, check_max_boxes
 from .base import ClassTally, Metric, MetricResult, check_evaluated
@@ -52,7 +54,9 @@ class CorLoc(Metric):
     def reset(self) -> None:
         self.tally = ClassTally()
 
-    def update(self, pred_boxes: Any, gt_boxes: Any, labels: Any, box_labels: Any = None) -> None:
+    def update(
+        self, pred_boxes: BoxesLike, gt_boxes: BoxesLike, labels: ArrayLike, box_labels: BoxesLike | None = None
+    ) -> None:
         """Score a batch of queries.
 
         Args:
@@ -97,10 +101,10 @@ class CorLoc(Metric):
 
 
 def corloc(
-    pred_boxes: Any,
-    gt_boxes: Any,
-    labels: Any,
-    box_labels: Any = None,
+    pred_boxes: BoxesLike,
+    gt_boxes: BoxesLike,
+    labels: ArrayLike,
+    box_labels: BoxesLike | None = None,
     *,
     iou_threshold: float = 0.5,
     max_boxes: int | None = 1,

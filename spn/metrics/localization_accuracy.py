@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from spn._convert import ArrayLike, BoxesLike
+
 from ._geometry import best_iou
 from ._inputs import as_box_list, as_labels, batch_size_of, check_fraction, check_max_boxes
 from .base import Metric, MetricResult, check_evaluated
@@ -53,7 +55,14 @@ class LocalizationAccuracy(Metric):
         self.num_top1_correct = 0
         self.with_classes: bool | None = None
 
-    def update(self, pred_boxes: Any, gt_boxes: Any, *, pred_labels: Any = None, labels: Any = None) -> None:
+    def update(
+        self,
+        pred_boxes: BoxesLike,
+        gt_boxes: BoxesLike,
+        *,
+        pred_labels: ArrayLike | None = None,
+        labels: ArrayLike | None = None,
+    ) -> None:
         """Add a batch.
 
         Args:
@@ -115,11 +124,11 @@ class LocalizationAccuracy(Metric):
 
 
 def localization_accuracy(
-    pred_boxes: Any,
-    gt_boxes: Any,
+    pred_boxes: BoxesLike,
+    gt_boxes: BoxesLike,
     *,
-    pred_labels: Any = None,
-    labels: Any = None,
+    pred_labels: ArrayLike | None = None,
+    labels: ArrayLike | None = None,
     iou_threshold: float = 0.5,
     max_boxes: int | None = 1,
 ) -> MetricResult:

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from spn._convert import as_map_batch, check_size
+from spn._convert import ArrayLike, BoxesLike, as_map_batch, check_size
 
 from ._geometry import box_union_mask
 from ._inputs import as_box_list, batch_size_of
@@ -65,7 +65,7 @@ class ObjectEnergy(Metric):
     def reset(self) -> None:
         self.shares: list[float] = []
 
-    def update(self, maps: Any, gt_boxes: Any) -> None:
+    def update(self, maps: ArrayLike, gt_boxes: BoxesLike) -> None:
         """Add maps ``(B, h, w)`` and ground-truth boxes (``B`` arrays ``(m_i, 4)`` in image pixels)."""
         box_list = as_box_list(gt_boxes, batch_size_of(maps, "maps"))
         if self.size is not None:
@@ -103,7 +103,7 @@ class ObjectEnergy(Metric):
         self.shares.extend(float(share) for share in state["shares"])
 
 
-def object_energy(maps: Any, gt_boxes: Any, *, size: Sequence[int] | None = None) -> MetricResult:
+def object_energy(maps: ArrayLike, gt_boxes: BoxesLike, *, size: Sequence[int] | None = None) -> MetricResult:
     """One-shot :class:`ObjectEnergy` over one batch (same arguments and result)."""
     metric = ObjectEnergy(size=size)
     metric.update(maps, gt_boxes)

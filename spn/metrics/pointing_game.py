@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from spn._convert import ArrayLike, BoxesLike
+
 from ._geometry import boxes_of_class, linf_box_distance, pixel_distance
 from ._inputs import as_box_list, as_label_list, as_labels, as_points, check_num_classes
 from .base import ClassTally, Metric, MetricResult, check_evaluated
@@ -67,7 +69,9 @@ class PointingGame(Metric):
     def reset(self) -> None:
         self.tally = ClassTally()
 
-    def update(self, points: Any, gt_boxes: Any, labels: Any, box_labels: Any = None) -> None:
+    def update(
+        self, points: ArrayLike, gt_boxes: BoxesLike, labels: ArrayLike, box_labels: BoxesLike | None = None
+    ) -> None:
         """Score a batch of queries.
 
         Args:
@@ -117,10 +121,10 @@ class PointingGame(Metric):
 
 
 def pointing_game(
-    points: Any,
-    gt_boxes: Any,
-    labels: Any,
-    box_labels: Any = None,
+    points: ArrayLike,
+    gt_boxes: BoxesLike,
+    labels: ArrayLike,
+    box_labels: BoxesLike | None = None,
     *,
     num_classes: int,
     radius: float = 15.0,

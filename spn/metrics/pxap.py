@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from spn._convert import as_map_batch
+from spn._convert import ArrayLike, MasksLike, as_map_batch
 from spn.localize.wsol import normalize_scoremap
 
 from ._inputs import as_mask
@@ -62,7 +62,7 @@ class PxAP(Metric):
         self.background_hist = np.zeros(len(self.edges) - 1, dtype=np.int64)
         self.num_images = 0
 
-    def update(self, maps: Any, gt_masks: Any, ignore_masks: Any = None) -> None:
+    def update(self, maps: ArrayLike, gt_masks: MasksLike, ignore_masks: MasksLike | None = None) -> None:
         """Add a batch.
 
         Args:
@@ -139,7 +139,12 @@ class PxAP(Metric):
 
 
 def pxap(
-    maps: Any, gt_masks: Any, ignore_masks: Any = None, *, interval: float = 0.001, normalize: bool = True
+    maps: ArrayLike,
+    gt_masks: MasksLike,
+    ignore_masks: MasksLike | None = None,
+    *,
+    interval: float = 0.001,
+    normalize: bool = True,
 ) -> MetricResult:
     """One-shot :class:`PxAP` over one batch (same arguments and result)."""
     metric = PxAP(interval=interval, normalize=normalize)
