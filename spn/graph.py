@@ -441,9 +441,12 @@ def _degrees_backward_impl(grad_deg: torch.Tensor, features: torch.Tensor, epsil
             v_rows, v_cols = prepared.centred(rows), prepared.centred(cols)
             # sum_b C_ab (v_a - v_b) = v_a sum_b C_ab - (v C^T)_a; the columns beyond the strip's own
             # rows get the other side of their pairs (the strip's own pairs appear in both orders).
-            grad[:, :, rows] += v_rows * coefficients.sum(-1)[:, None, :] - torch.bmm(v_cols, coefficients.transpose(1, 2))
+            # (accumulated in place: no (B, K, n) temporaries)
+            own = grad[:, :, rows]
+            own.addcmul_(v_rows, coefficients.sum(-1)[:, None, :]).baddbmm_(v_cols, coefficients.transpose(1, 2), alpha=-1.0)
             beyond = coefficients[:, :, r:]
-            grad[:, :, rows.stop :] += v_cols[:, :, r:] * beyond.sum(-2)[:, None, :] - torch.bmm(v_rows, beyond)
+            after = grad[:, :, rows.stop :]
+            after.addcmul_(v_cols[:, :, r:], beyond.sum(-2)[:, None, :]).baddbmm_(v_rows, beyond, alpha=-1.0)
         grads.append(prepared.to_features(grad))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
 
@@ -486,9 +489,9 @@ def _distances_backward_impl(grad_distances: torch.Tensor, features: torch.Tenso
                 exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
                 coefficients[image[:, None], row[:, None], local] = 0.0
                 prepared.add_recomputed(grad, exact, recomputed, rows, one_sided=prepared.n)
-            grad[:, :, rows] += prepared.centred(rows) * coefficients.sum(-1)[:, None, :] - torch.bmm(
-                v_all, coefficients.transpose(1, 2)
-            )
+            own = grad[:, :, rows]
+            own.addcmul_(prepared.centred(rows), coefficients.sum(-1)[:, None, :])
+            own.baddbmm_(v_all, coefficients.transpose(1, 2), alpha=-1.0)
         grads.append(prepared.to_features(grad))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
 
