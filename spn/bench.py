@@ -1,5 +1,17 @@
 """`python -m spn bench`: time Soft Proposal on the GPU and write a JSON record.
 
+Before anything is timed, every backend's first result of every case is checked against
+the float64 NumPy reference (`spn.reference`, one image at a time: the first and the last
+image of the batch): the proposal map and the coupled features must be within `RTOL` (1e-3)
+of the reference's largest value. float32 rounding stays orders of magnitude below that;
+a wrong kernel, index or stopping rule does not. On a mismatch the benchmark says which
+backend, mode, case and image, writes nothing and exits with status 1. Each backend is
+compared with what it computes: ``paper`` with the exact stationary state, ``released``
+with the reference's 20-step walk with tolerance 1e-4, ``plain-torch`` with the 20-step
+walk, ``released-reimpl`` with the walk's state one step before the reference's stop (it
+discards the step below the tolerance; a change within float32 rounding of the tolerance
+may move its stop by one step, so the states one step either side are accepted too).
+
 For each case (B, K, H = W) it times, in microseconds per image (the median of repeated
 runs after a warm-up, measured with CUDA events), the forward pass and the forward plus
 backward pass of:
@@ -40,41 +52,76 @@ the call returns with the GPU idle, the GPU time by events, and the wall time of
 calls in a row between two synchronisations, per call; the overhead is the last minus
 the GPU time.
 
+The JSON record is rewritten after every case (a temporary file in the same folder, then
+os.replace, so a reader never sees half a file): an interrupted run keeps the cases it
+finished, with "complete": false; the last write sets "complete": true.
+
 Options: --quick (fewer repetitions), --out PATH, --cases B,K,S [B,K,S ...],
 --backends NAME [NAME ...], --device cuda|cpu (cpu times the torch backends on the CPU
-with a wall clock, for a smoke test; there is no GPU memory to report there).
+with a wall clock, on the smaller `CPU_CASES` unless --cases is given, in about three
+minutes on 2 cores; there is no GPU memory to report there).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import json
 import math
+import os
 import platform
 import re
 import statistics
 import sys
+import tempfile
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 
+__all__ = [
+    "BACKENDS",
+    "CASES",
+    "CPU_CASES",
+    "PEAKS",
+    "RTOL",
+    "Mismatch",
+    "main",
+    "measure",
+    "model",
+    "peak_entry",
+    "peaks",
+    "plain_power_iteration",
+    "released_reimplementation",
+    "roofline_fraction",
+    "validate",
+    "write_atomically",
+]
+
 CASES = ((64, 1024, 14), (64, 512, 28), (16, 512, 56), (1, 512, 14))
+# --device cpu: the same map sizes with fewer images and channels (the default CASES took
+# over 20 minutes there); about three minutes on 2 cores.
+CPU_CASES = ((16, 512, 14), (4, 128, 28), (1, 64, 56))
 OVERHEAD_CASE = (1, 512, 14)
 BACKENDS = ("cupy", "torch", "plain-torch", "released-reimpl")
+RTOL = 1e-3  # largest error allowed against the reference, relative to its largest value
+VALIDATED_IMAGES = 2  # the first and the last image of each case's batch
 
 # name substring -> (FP32 TFLOP/s without tensor cores, memory TB/s); the first match wins,
-# so more specific names come first. Data-sheet numbers (boost clocks).
+# so a name that contains another comes first (GH200 before H200 before H20, A100 before
+# A10, L40S before L40 before L4); a test checks that every row is reachable.
+# Data-sheet numbers (boost clocks).
 PEAKS: tuple[tuple[str, float, float], ...] = (
     ("H100 PCIe", 51.2, 2.0),
     ("H100 NVL", 60.0, 3.9),
     ("H100", 67.0, 3.35),  # SXM5
+    ("GH200", 67.0, 4.0),
     ("H200", 67.0, 4.8),
     ("H20", 44.0, 4.0),
-    ("GH200", 67.0, 4.0),
     ("B200", 80.0, 8.0),
     ("A100-PCIE-40GB", 19.5, 1.555),
     ("A100-SXM4-40GB", 19.5, 1.555),
@@ -101,7 +148,9 @@ def plain_power_iteration(u: torch.Tensor, epsilon: float, steps: int = 20):
     n = height * width
     x = u.reshape(batch, channels, n).transpose(1, 2)  # (B, n, K)
     distances = torch.cdist(x, x)  # (B, n, n)
-    rows, cols = torch.meshgrid(torch.arange(height, device=u.device), torch.arange(width, device=u.device), indexing="ij")
+    rows, cols = torch.meshgrid(
+        torch.arange(height, device=u.device), torch.arange(width, device=u.device), indexing="ij"
+    )
     positions = torch.stack([rows.reshape(-1), cols.reshape(-1)], 1).to(u.dtype)
     kernel = torch.exp(-torch.cdist(positions, positions).square() / (2 * epsilon**2))
     weights = distances * kernel
@@ -161,7 +210,7 @@ def _library_call(backend: str, mode: str):
 
 
 def _plans(backends):
-    """(backend, mode, call) for every timing."""
+    """(backend, mode, call) for every timing and every validation."""
     plans = []
     for backend in backends:
         if backend in ("cupy", "torch"):
@@ -201,21 +250,28 @@ def model(mode: str, pass_: str, channels: int, n: int, steps: int = 20) -> tupl
     return float(flop), float(moved)
 
 
+def peak_entry(name: str) -> tuple[str, float, float] | None:
+    """The first row of `PEAKS` whose key is in the device name, or None."""
+    return next((row for row in PEAKS if row[0] in name), None)
+
+
 def peaks(device_index: int | None) -> dict:
     """{'flops': FP32 FLOP/s, 'bytes': bytes/s, 'source': where the numbers come from}."""
     if device_index is None:
         return {"flops": None, "bytes": None, "source": "cpu: not modelled"}
     name = torch.cuda.get_device_name(device_index)
-    for key, tflops, tbytes in PEAKS:
-        if key in name:
-            return {"flops": tflops * 1e12, "bytes": tbytes * 1e12, "source": f"table entry {key!r}"}
+    row = peak_entry(name)
+    if row is not None:
+        key, tflops, tbytes = row
+        return {"flops": tflops * 1e12, "bytes": tbytes * 1e12, "source": f"table entry {key!r}"}
     try:
         import cupy
 
         p = cupy.cuda.runtime.getDeviceProperties(device_index)
         flops = p["multiProcessorCount"] * 128 * 2 * p["clockRate"] * 1e3
         moved = 2 * p["memoryClockRate"] * 1e3 * p["memoryBusWidth"] / 8
-        return {"flops": float(flops), "bytes": float(moved), "source": "estimate: SMs * 128 * 2 * clock, 2 * memory clock * bus"}
+        source = "estimate: SMs * 128 * 2 * clock, 2 * memory clock * bus"
+        return {"flops": float(flops), "bytes": float(moved), "source": source}
     except Exception:  # no CuPy, or a runtime without these properties
         return {"flops": None, "bytes": None, "source": f"unknown device {name!r}"}
 
@@ -322,6 +378,104 @@ def host_overhead(call, u: torch.Tensor, timer: _Timer, calls: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------
+# validation against the float64 reference
+
+
+class Mismatch(Exception):
+    """A backend's result differs from the reference; the message says where and by how much."""
+
+
+def _validated_images(batch: int) -> list[int]:
+    return sorted({0, batch - 1})[:VALIDATED_IMAGES]
+
+
+def _reference_maps(image: np.ndarray) -> dict[str, list[np.ndarray]]:
+    """For one (K, H, W) float64 image, the reference maps (n,) that each kind of plan may
+    match: one map each, or, for the released re-implementation, the walk's states one step
+    either side of the one before the reference's stop."""
+    from . import reference as R
+
+    _, height, width = image.shape
+    paper = R.stationary_state(image, R.default_epsilon(height, width))
+    transfer = R.transfer_matrix(image, R.released_epsilon(height, width))
+    released = R.power_iteration(transfer, 20, 1e-4)
+    stop = released.steps if released.converged else 21  # the step at which the walk stops
+    before = [R.power_iteration(transfer, t - 1).proposal for t in (stop - 1, stop, stop + 1) if 1 <= t <= 21]
+    return {
+        "paper": [paper],
+        "released": [released.proposal],
+        "20-step": [R.power_iteration(transfer, 20).proposal],
+        "released-reimpl": before,
+    }
+
+
+def _reference_kind(backend: str, mode: str) -> str:
+    if backend == "plain-torch":
+        return "20-step"
+    if backend == "released-reimpl":
+        return "released-reimpl"
+    return "paper" if mode.startswith("paper") else "released"
+
+
+def _relative_error(got: np.ndarray, expected: np.ndarray) -> float:
+    scale = float(np.abs(expected).max())
+    error = float(np.abs(got - expected).max())
+    if not math.isfinite(error):
+        return math.inf
+    return error / scale if scale > 0 else error
+
+
+def validate(plans, u: torch.Tensor, case: tuple[int, int, int]) -> None:
+    """Check every plan's first result on `u` against the float64 reference, one image at a
+    time (the first and the last of the batch); raise Mismatch at the first that differs."""
+    images = _validated_images(u.shape[0])
+    features = u.detach().double().cpu().numpy()
+    references = {b: _reference_maps(features[b]) for b in images}
+    for backend, mode, call in plans:
+        with torch.no_grad():
+            coupled, proposal = call(u)[:2]
+        coupled = coupled.detach().double().cpu().numpy()
+        proposal = proposal.detach().double().cpu().numpy()
+        for b in images:
+            expected = references[b][_reference_kind(backend, mode)]
+            got = proposal[b].reshape(-1)
+            errors = [_relative_error(got, m) for m in expected]
+            best = int(np.argmin(errors))
+            where = f"backend {backend!r}, mode {mode!r}, case B,K,S = {','.join(map(str, case))}, image {b}"
+            if not errors[best] <= RTOL:
+                raise Mismatch(
+                    f"{where}: the proposal map differs from the float64 reference (spn.reference) by "
+                    f"{errors[best]:.3g} of its largest value (allowed: {RTOL:g})"
+                )
+            coupled_expected = features[b] * expected[best].reshape(features.shape[2:])
+            error = _relative_error(coupled[b], coupled_expected)
+            if not error <= RTOL:
+                raise Mismatch(
+                    f"{where}: the coupled features differ from U * M of the reference by {error:.3g} "
+                    f"of their largest value (allowed: {RTOL:g})"
+                )
+
+
+# ---------------------------------------------------------------------------------------
+# the record
+
+
+def write_atomically(path: Path, record: dict) -> None:
+    """Write `record` as JSON to `path`: a temporary file in the same folder, then os.replace,
+    so that `path` always holds a whole record (the previous one until the new one is complete)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w") as file:
+            file.write(json.dumps(record, indent=2) + "\n")
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+
+
+# ---------------------------------------------------------------------------------------
 # command line
 
 
@@ -335,7 +489,9 @@ def _parse_case(text: str) -> tuple[int, int, int]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m spn bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repetitions")
-    parser.add_argument("--out", type=Path, default=None, help="the JSON record (default benchmarks/results/<date>_<device>.json)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="the JSON record (default benchmarks/results/<date>_<device>.json)"
+    )
     parser.add_argument("--cases", type=_parse_case, nargs="+", default=None, metavar="B,K,S", help="cases to time")
     parser.add_argument("--backends", nargs="+", choices=BACKENDS, default=None, help="backends to time")
     parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: the torch backends on the CPU")
@@ -347,15 +503,24 @@ def _slug(text: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the benchmark; returns the exit status (0, or 2 when there is no GPU to time)."""
+    """Run the benchmark; returns the exit status: 0, 1 when a backend's result differs from
+    the reference (nothing is written), 2 when there is no GPU to time."""
     args = _parser().parse_args(argv)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=RuntimeWarning)  # ConvergenceWarning of the 20-step walks
         return _main(args)
 
 
+def _inputs(case: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The features (uniform in [0, 1), float32) and the output gradient of a case, seeded by the case."""
+    batch, channels, side = case
+    generator = torch.Generator().manual_seed(batch * 1000003 + channels * 101 + side)
+    u = torch.rand(batch, channels, side, side, generator=generator).to(device)
+    grad = torch.randn(batch, channels, side, side, generator=generator).to(device)
+    return u, grad
+
+
 def _main(args: argparse.Namespace) -> int:
-    cases = args.cases or list(CASES)
     if args.device == "cuda":
         if not torch.cuda.is_available():
             print(
@@ -370,14 +535,18 @@ def _main(args: argparse.Namespace) -> int:
         from . import cuda
 
         if "cupy" in backends and not cuda.is_available():
-            print("spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn[cuda12]')", file=sys.stderr)
+            print(
+                "spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn[cuda12]')", file=sys.stderr
+            )
             backends.remove("cupy")
         peak = peaks(device.index)
+        cases = args.cases or list(CASES)
     else:
         device = torch.device("cpu")
         device_name = f"cpu-{platform.processor() or platform.machine()}"
         backends = [b for b in (args.backends or BACKENDS) if b != "cupy"]
         peak = peaks(None)
+        cases = args.cases or list(CPU_CASES)
     timer = _Timer(device)
     try:
         import cupy
@@ -386,13 +555,37 @@ def _main(args: argparse.Namespace) -> int:
     except Exception:
         cupy_version = None
 
-    records = []
+    plans = _plans(backends)
+    for case in cases:  # every result is checked before anything is timed or written
+        u, _ = _inputs(case, device)
+        try:
+            validate(plans, u, case)
+        except Mismatch as error:
+            print(f"spn bench: {error}. Nothing was written.", file=sys.stderr)
+            return 1
+        del u
+    print(f"checked {len(plans)} backend modes on {len(cases)} cases against the float64 reference", flush=True)
+
+    date = _dt.date.today().isoformat()
+    out = args.out or Path("benchmarks") / "results" / f"{date}_{_slug(device_name)}.json"
+    records: list[dict] = []
+    overhead: list[dict] = []
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "cupy": cupy_version,
+        "date": date,
+        "python": platform.python_version(),
+        "peaks": peak,
+        "validated": {"reference": "spn.reference (float64)", "rtol": RTOL, "images": "first and last of each batch"},
+        "complete": False,
+        "cases": records,
+        "host_overhead": overhead,
+    }
     for batch, channels, side in cases:
-        generator = torch.Generator().manual_seed(batch * 1000003 + channels * 101 + side)
-        u = torch.rand(batch, channels, side, side, generator=generator).to(device)
-        grad = torch.randn(batch, channels, side, side, generator=generator).to(device)
+        u, grad = _inputs((batch, channels, side), device)
         n = side * side
-        for backend, mode, call in _plans(backends):
+        for backend, mode, call in plans:
             for pass_ in ("forward", "forward+backward"):
                 if pass_ == "forward" and backend in ("cupy", "torch") and mode.endswith("-exact"):
                     continue  # without autograd the forward pass does not depend on detach
@@ -416,8 +609,9 @@ def _main(args: argparse.Namespace) -> int:
                     + (f"  {fraction:.1%} of roofline" if fraction is not None else ""),
                     flush=True,
                 )
+        del u, grad
+        write_atomically(out, result)  # the cases so far, "complete": false
 
-    overhead = []
     b, k, s = OVERHEAD_CASE
     u = torch.rand(b, k, s, s, device=device)
     for backend, mode, call in _plans([x for x in backends if x in ("cupy", "torch") and timer.cuda]):
@@ -429,20 +623,8 @@ def _main(args: argparse.Namespace) -> int:
         print(f"host overhead {backend:>6} {mode:>8} at {b},{k},{s}: {entry['overhead_us']:.1f} us/call "
               f"(call returns after {entry['host_us_per_call']:.1f} us, GPU {entry['device_us_per_call']:.1f} us)")
 
-    date = _dt.date.today().isoformat()
-    result = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "cupy": cupy_version,
-        "date": date,
-        "python": platform.python_version(),
-        "peaks": peak,
-        "cases": records,
-        "host_overhead": overhead,
-    }
-    out = args.out or Path("benchmarks") / "results" / f"{date}_{_slug(device_name)}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    result["complete"] = True
+    write_atomically(out, result)
     print(f"wrote {out}")
     return 0
 
