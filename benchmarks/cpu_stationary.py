@@ -66,7 +66,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", type=int, nargs=4, default=[16, 512, 64, 64], metavar=("B", "K", "H", "W"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--out", default=None, help="JSON record (default benchmarks/results/cpu_stationary_<date>.json)")
+    parser.add_argument(
+        "--out", default=None, help="JSON record (default benchmarks/results/cpu_stationary_<date>.json)"
+    )
     args = parser.parse_args(argv)
     import torch
 
@@ -74,8 +76,11 @@ def main(argv=None) -> int:
     for backward, detach in ((False, True), (True, True), (True, False)):
         case = run_case(args.shape, backward, detach, args.repeats)
         cases.append(case)
-        print(f"{case['pass']:17s} detach={str(detach):5s}  median {case['seconds_median']:7.2f} s  "
-              f"peak extra {case['peak_extra_bytes_max'] / 2**30:5.2f} GiB  (peak RSS {case['peak_rss_bytes_max'] / 2**30:5.2f} GiB)")
+        print(
+            f"{case['pass']:17s} detach={detach!s:5s}  median {case['seconds_median']:7.2f} s  "
+            f"peak extra {case['peak_extra_bytes_max'] / 2**30:5.2f} GiB  "
+            f"(peak RSS {case['peak_rss_bytes_max'] / 2**30:5.2f} GiB)"
+        )
     record = {
         "benchmark": "cpu_stationary",
         "shape": args.shape,

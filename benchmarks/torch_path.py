@@ -38,7 +38,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import platform
 import statistics
 import subprocess
@@ -90,7 +89,9 @@ def direct_float32(u: torch.Tensor, epsilon: float, rows_per_block: int = 16) ->
         deg = torch.empty(n)
         for start in range(0, n, rows_per_block):
             block = image[:, start : start + rows_per_block, None] - image[:, None, :]
-            deg[start : start + rows_per_block] = (block.square().sum(0).sqrt() * kernel[start : start + rows_per_block]).sum(-1)
+            deg[start : start + rows_per_block] = (
+                block.square().sum(0).sqrt() * kernel[start : start + rows_per_block]
+            ).sum(-1)
         maps.append((deg / deg.sum()).double().numpy())
     return np.stack(maps)
 
@@ -192,7 +193,10 @@ def interleaved(functions: dict, rounds: int) -> dict:
             started = time.perf_counter()
             function()
             times[name].append(time.perf_counter() - started)
-    return {name: {"median": statistics.median(values), "all": [round(v, 4) for v in values]} for name, values in times.items()}
+    return {
+        name: {"median": statistics.median(values), "all": [round(v, 4) for v in values]}
+        for name, values in times.items()
+    }
 
 
 # ---------------------------------------------------------------------------------------
@@ -220,7 +224,9 @@ print(json.dumps({{"extra_bytes": status("VmHWM") - before, "input_bytes": u.num
 
 
 def peak_memory(shape, implementation: str, pass_: str) -> dict:
-    code = CHILD.format(root=str(ROOT), bench=str(Path(__file__).parent), shape=tuple(shape), implementation=implementation, pass_=pass_)
+    code = CHILD.format(
+        root=str(ROOT), bench=str(Path(__file__).parent), shape=tuple(shape), implementation=implementation, pass_=pass_
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr else f"exit {out.returncode}"}
@@ -246,9 +252,13 @@ def stationary_case(key: str, rounds: int, memory: bool) -> dict:
         "plain-cdist forward / spn forward": median[("plain-cdist", "forward")] / forward,
         "spn fwd+bwd detach=True / spn forward": median[("spn", "forward+backward detach=True")] / forward,
         "spn fwd+bwd detach=False / spn forward": median[("spn", "forward+backward detach=False")] / forward,
-        "plain-cdist fwd+bwd detach=True / spn fwd+bwd detach=True": median[("plain-cdist", "forward+backward detach=True")]
+        "plain-cdist fwd+bwd detach=True / spn fwd+bwd detach=True": median[
+            ("plain-cdist", "forward+backward detach=True")
+        ]
         / median[("spn", "forward+backward detach=True")],
-        "plain-cdist fwd+bwd detach=False / spn fwd+bwd detach=False": median[("plain-cdist", "forward+backward detach=False")]
+        "plain-cdist fwd+bwd detach=False / spn fwd+bwd detach=False": median[
+            ("plain-cdist", "forward+backward detach=False")
+        ]
         / median[("spn", "forward+backward detach=False")],
     }
     if memory:

@@ -29,16 +29,16 @@ def check_walk_options(iterations, tolerance) -> None:
     """Raise a clear error for an iteration count or tolerance of the wrong kind."""
     if iterations is not None and (isinstance(iterations, bool) or not isinstance(iterations, numbers.Integral)):
         raise TypeError(f"iterations must be None (exact stationary state) or an int >= 0, got {iterations!r}")
-    if iterations is not None and not 0 <= iterations <= MAX_ITERATIONS:
+    if iterations is not None and not 0 <= int(iterations) <= MAX_ITERATIONS:
         raise ValueError(
             f"iterations must be between 0 and {MAX_ITERATIONS}, got {iterations} "
             "(iterations=None gives the exact stationary state, the limit of the walk)"
         )
     if isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real):
         raise TypeError(f"tolerance must be a number >= 0, got {tolerance!r}")
-    if not (0 <= tolerance < float("inf")):
+    if not (0 <= float(tolerance) < float("inf")):
         raise ValueError(f"tolerance must be a finite number >= 0, got {tolerance}")
-    if iterations is None and tolerance > 0:
+    if iterations is None and float(tolerance) > 0:
         raise ValueError("tolerance applies to an iterative walk: pass iterations=k as well")
 
 

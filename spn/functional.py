@@ -106,7 +106,11 @@ def torch_soft_proposal(features, epsilon: float, iterations, tolerance: float, 
     converged = None
     # Autocast would run the walk's float32 products in bfloat16 on the CPU; it is switched off
     # only where it is on, so that exported programs carry no autocast region otherwise.
-    off = torch.autocast(features.device.type, enabled=False) if torch.is_autocast_enabled(features.device.type) else nullcontext()
+    off = (
+        torch.autocast(features.device.type, enabled=False)
+        if torch.is_autocast_enabled(features.device.type)
+        else nullcontext()
+    )
     with off:
         source = compute.detach() if detach else compute
         if iterations is None:

@@ -198,9 +198,9 @@ class _Prepared:
         self.features = features.reshape(batch, channels, n)
         self.augmented = n >= 2 * channels
         self.strip = _strip_rows(batch, n, width)
-        self._centred64 = None
-        self._kernel = None
-        self._candidate_bounds = None
+        self._centred64: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._kernel: torch.Tensor | None = None
+        self._candidate_bounds: torch.Tensor | None = None
         if not self._setup(scaled=False):
             self._setup(scaled=True)
 
@@ -208,17 +208,18 @@ class _Prepared:
         """Centre (and scale) the features; False if unscaled squared norms are out of SAFE_SQUARES."""
         batch, channels, n = self.features.shape
         x = self.features
-        self.scale = unit_scale(x)[:, None, None] if scaled else None
+        scale = unit_scale(x)[:, None, None] if scaled else None
+        self.scale: torch.Tensor | None = scale
         # The centre, (B, K, 1): per channel, the mean of at most CENTRE_SAMPLES locations (any
         # centre inside the data does; a median, which would sit in a background's group of
         # similar vectors, costs as much as the rest of a small map's pass). If x is huge, the
         # mean and the squares overflow, and the features are scaled.
         sample = x[:, :, :: max(1, n // CENTRE_SAMPLES)]
-        self.centre = (sample * self.scale if scaled else sample).mean(-1, keepdim=True)
+        self.centre = (sample * scale if scale is not None else sample).mean(-1, keepdim=True)
         self.left = x.new_empty(batch, channels + 2 if self.augmented else channels, n)
         centred = self.left[:, :channels]
-        if scaled:
-            torch.addcmul(-self.centre, x, self.scale, out=centred)
+        if scale is not None:
+            torch.addcmul(-self.centre, x, scale, out=centred)
         else:
             torch.sub(x, self.centre, out=centred)
         squares = _squared_norms(centred)
@@ -307,10 +308,13 @@ class _Prepared:
 
     def _gemm(self, rows: slice) -> torch.Tensor:
         if self.augmented:
+            assert self.right is not None  # made by _setup whenever augmented
             return torch.bmm(self.left[:, :, rows].transpose(1, 2), self.right[:, :, rows.start :])
         squares = self.squares_input
         sums = squares[:, rows, None] + squares[:, None, rows.start :]
-        return torch.baddbmm(sums, self.centred(rows).transpose(1, 2), self.centred(slice(rows.start, self.n)), alpha=-2.0)
+        return torch.baddbmm(
+            sums, self.centred(rows).transpose(1, 2), self.centred(slice(rows.start, self.n)), alpha=-2.0
+        )
 
     def squared_distances(self, rows: slice) -> tuple[torch.Tensor, _Rows | None]:
         """d^2 from `rows` to rows.start..n, (B, r, w) in the input's dtype, and the recomputed rows or None."""
@@ -343,7 +347,9 @@ class _Prepared:
             return block, None
         first, last = (int(c) for c in torch.aminmax(col))
         recomputed = self.recompute_rows(image, row, rows.start, slice(rows.start + first, rows.start + last + 1))
-        block[image[:, None], row[:, None], torch.arange(first, last + 1, device=block.device)] = recomputed.squared.to(block.dtype)
+        block[image[:, None], row[:, None], torch.arange(first, last + 1, device=block.device)] = recomputed.squared.to(
+            block.dtype
+        )
         return block, recomputed
 
     def _bounds(self) -> torch.Tensor:
@@ -390,10 +396,14 @@ class _Prepared:
         split = min(max(one_sided - cols.start, 0), cols.stop - cols.start)
         for image_b, part in self._per_image(image):
             c, v_rows, v_cols = coefficients[part], v[image_b, rows_abs[part]], v[image_b, cols]
-            grad[image_b].index_add_(1, rows_abs[part], (v_rows * c.sum(-1, keepdim=True) - c @ v_cols).T.to(grad.dtype))
+            grad[image_b].index_add_(
+                1, rows_abs[part], (v_rows * c.sum(-1, keepdim=True) - c @ v_cols).T.to(grad.dtype)
+            )
             c, v_cols = c[:, split:], v_cols[split:]
             if c.shape[1]:
-                grad[image_b, :, cols.start + split : cols.stop] += (v_cols * c.sum(0)[:, None] - c.T @ v_rows).T.to(grad.dtype)
+                grad[image_b, :, cols.start + split : cols.stop] += (v_cols * c.sum(0)[:, None] - c.T @ v_rows).T.to(
+                    grad.dtype
+                )
 
     def new_gradient(self) -> torch.Tensor:
         return self.left.new_zeros(self.shape[0], self.channels, self.n)
@@ -443,7 +453,9 @@ def _degrees_backward_impl(grad_deg: torch.Tensor, features: torch.Tensor, epsil
             # rows get the other side of their pairs (the strip's own pairs appear in both orders).
             # (accumulated in place: no (B, K, n) temporaries)
             own = grad[:, :, rows]
-            own.addcmul_(v_rows, coefficients.sum(-1)[:, None, :]).baddbmm_(v_cols, coefficients.transpose(1, 2), alpha=-1.0)
+            own.addcmul_(v_rows, coefficients.sum(-1)[:, None, :]).baddbmm_(
+                v_cols, coefficients.transpose(1, 2), alpha=-1.0
+            )
             beyond = coefficients[:, :, r:]
             after = grad[:, :, rows.stop :]
             after.addcmul_(v_cols[:, :, r:], beyond.sum(-2)[:, None, :]).baddbmm_(v_rows, beyond, alpha=-1.0)
@@ -467,7 +479,9 @@ def _distances_impl(features: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _distances_backward_impl(grad_distances: torch.Tensor, features: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
+def _distances_backward_impl(
+    grad_distances: torch.Tensor, features: torch.Tensor, distances: torch.Tensor
+) -> torch.Tensor:
     grads = []
     for images in _batches(features):
         prepared = _Prepared(features[images], backward=True)
@@ -641,7 +655,8 @@ def _distances_vmap(info, in_dims, features):
 
 def _distances_backward_vmap(info, in_dims, grad, features, distances):
     size = info.batch_size
-    out = _distances_backward_op(*(_fold(t, d, size) for t, d in zip((grad, features, distances), in_dims)))
+    folded = (_fold(t, d, size) for t, d in zip((grad, features, distances), in_dims, strict=True))
+    out = _distances_backward_op(*folded)
     return out.reshape(size, -1, *out.shape[1:]), 0
 
 
@@ -659,8 +674,8 @@ def _needs_dense(features: torch.Tensor) -> bool:
     rules do not reach there); vmap alone uses the operators' vmap rules."""
     if torch.compiler.is_compiling():
         return False
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
     from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
 
     if any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters()):
         return True

@@ -1,6 +1,5 @@
 """The reference against itself: closed-form stationary state vs SciPy's eigs and long power iteration."""
 
-import warnings
 
 import numpy as np
 import pytest

@@ -8,9 +8,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from spn import reference as R
 import spn
 from spn import graph
+from spn import reference as R
 from strategies import epsilons, feature_maps
 
 
@@ -84,7 +84,9 @@ def plain_float32_proposal(features, epsilon, iterations):
     return m
 
 
-@given(st.lists(feature_maps(max_channels=6, max_side=6), min_size=1, max_size=1), st.one_of(st.none(), st.integers(1, 5)))
+@given(
+    st.lists(feature_maps(max_channels=6, max_side=6), min_size=1, max_size=1), st.one_of(st.none(), st.integers(1, 5))
+)
 def test_float32_error_is_at_most_twice_plain_float32(maps, iterations):
     # flash-attention's rule: the path under test may be at most twice as far from the
     # float64 reference as a plain float32 evaluation of the same formula, plus a floor.
@@ -168,7 +170,11 @@ def test_blocked_computation_equals_one_block(monkeypatch, shape, iterations):
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-11, atol=1e-15)
 
 
-@given(feature_maps(max_channels=3, max_side=4), st.sampled_from([torch.float32, torch.float64]), st.one_of(st.none(), st.integers(1, 3)))
+@given(
+    feature_maps(max_channels=3, max_side=4),
+    st.sampled_from([torch.float32, torch.float64]),
+    st.one_of(st.none(), st.integers(1, 3)),
+)
 @example(np.array([[[1.0, 0.0, 1.0]]]), torch.float64, None)  # K = 1: a transposed view is the input itself
 def test_inputs_are_never_modified(features, dtype, iterations):
     x = torch.from_numpy(features).to(dtype)[None]
@@ -217,11 +223,14 @@ def test_periodic_walk_is_reported_not_hung():
 
 def test_tolerance_freezes_each_image_separately():
     rng = np.random.default_rng(3)
-    maps = [rng.standard_normal((2, 4, 4)), np.array([[[1.0, 0.0, 1.0, 1.0]] * 4] * 2)]  # bipartite, 3/4 of the start on one side: periodic
+    maps = [
+        rng.standard_normal((2, 4, 4)),
+        np.array([[[1.0, 0.0, 1.0, 1.0]] * 4] * 2),
+    ]  # bipartite, 3/4 of the start on one side: periodic
     features = batch_of(maps)
     with pytest.warns(spn.ConvergenceWarning, match="1 of 2"):
         proposal = spn.soft_proposal(features, iterations=30, tolerance=1e-5)[1]
-    for image, m in zip(maps, proposal):
+    for image, m in zip(maps, proposal, strict=True):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", R.ConvergenceWarning)
             expected = R.proposal_map(image, iterations=30, tolerance=1e-5)

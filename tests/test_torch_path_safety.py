@@ -72,7 +72,7 @@ def test_export_save_load_round_trip(options):
     buffer.seek(0)
     loaded = torch.export.load(buffer).module()
     other = features_of(2, 4, 5, 6, seed=4, dtype=torch.float32)
-    for got, expected in zip(loaded(other), model(other)):
+    for got, expected in zip(loaded(other), model(other), strict=True):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
 
@@ -97,7 +97,7 @@ def test_released_preset_under_export_and_fullgraph_compile(iterations):
     exported = torch.export.export(model, (x,)).module()(x)
     compiled = torch.compile(model, fullgraph=True)(x)
     for got in (exported, compiled):
-        for a, b in zip(got, eager):
+        for a, b in zip(got, eager, strict=True):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
@@ -119,7 +119,7 @@ def test_jit_trace_refuses_another_size_and_is_right_at_its_own():
         traced = torch.jit.trace(model, (x,))
     same = features_of(2, 3, 4, 5, seed=9, dtype=torch.float32)
     torch.testing.assert_close(traced(same)[1], model(same)[1])
-    with pytest.raises(Exception, match="traced by torch.jit.trace at another H x W"):
+    with pytest.raises(Exception, match=r"traced by torch\.jit\.trace at another H x W"):
         traced(features_of(1, 3, 6, 6, seed=10, dtype=torch.float32))
 
 
@@ -190,7 +190,7 @@ def test_per_sample_gradients_with_vmap_of_grad():
         return spn.soft_proposal(t, detach=False)[1].square().sum()
 
     per_sample = torch.func.vmap(torch.func.grad(loss))(x)
-    for sample, grad in zip(x, per_sample):
+    for sample, grad in zip(x, per_sample, strict=True):
         y = sample.clone().requires_grad_()
         loss(y).backward()
         torch.testing.assert_close(grad, y.grad, rtol=1e-10, atol=1e-13)

@@ -41,14 +41,16 @@ def scaled(values: np.ndarray, k: int, dtype) -> torch.Tensor:
 
 def pick(fraction: float, bounds: tuple[int, int]) -> int:
     lo, hi = bounds
-    return int(round(lo + fraction * (hi - lo)))
+    return round(lo + fraction * (hi - lo))
 
 
 def plain_float32_proposal(features: torch.Tensor, epsilon: float, iterations) -> np.ndarray:
     """The formula by direct differences in float32 (the baseline of the error bound)."""
     b, k, h, w = features.shape
     u = features.reshape(b, k, h * w).float()
-    weights = (u[:, :, :, None] - u[:, :, None, :]).pow(2).sum(1).sqrt() * torch.from_numpy(R.spatial_kernel(h, w, epsilon)).float()
+    weights = (u[:, :, :, None] - u[:, :, None, :]).pow(2).sum(1).sqrt() * torch.from_numpy(
+        R.spatial_kernel(h, w, epsilon)
+    ).float()
     if iterations is None:
         deg = weights.sum(1)
         m = deg / deg.sum(-1, keepdim=True) if deg.sum() > 0 else torch.full_like(deg, 1 / (h * w))
@@ -113,7 +115,9 @@ def test_issue_scales_float64():
         np.testing.assert_allclose(proposal[0].numpy(), expected, rtol=1e-9, err_msg=f"scale {scale}")
 
 
-@pytest.mark.parametrize("dtype, scales", [(torch.float32, (1e20, 1e30, 1e-30, 1e-38)), (torch.bfloat16, (1e30, 1e-30))])
+@pytest.mark.parametrize(
+    "dtype, scales", [(torch.float32, (1e20, 1e30, 1e-30, 1e-38)), (torch.bfloat16, (1e30, 1e-30))]
+)
 def test_issue_scales_low_precision(dtype, scales):
     rng = np.random.default_rng(1)
     u = torch.from_numpy(rng.standard_normal((1, 3, 5, 6))).to(dtype)
@@ -203,7 +207,9 @@ def test_rows_recomputed_in_float64_and_direct_differences(dtype, monkeypatch):
         coupled.backward(torch.from_numpy(g).to(dtype))
         for image in range(2):
             expected = R.proposal_map(u[image], iterations=iterations)
-            np.testing.assert_allclose(proposal[image].detach().double().numpy(), expected, rtol=1e-10 if dtype == torch.float64 else 1e-5)
+            np.testing.assert_allclose(
+                proposal[image].detach().double().numpy(), expected, rtol=1e-10 if dtype == torch.float64 else 1e-5
+            )
             vjp = R.soft_proposal_vjp(u[image], g[image], iterations=iterations, detach=False)
             error = np.abs(x.grad[image].double().numpy() - vjp).max() / np.abs(vjp).max()
             assert error < (1e-11 if dtype == torch.float64 else 1e-5), (iterations, error)
@@ -219,7 +225,9 @@ def plain_float32_gradient(features: torch.Tensor, grad_coupled: torch.Tensor, i
     v = x.reshape(b, k, h * w)
     squared = (v[:, :, :, None] - v[:, :, None, :]).square().sum(1)
     positive = squared > 0
-    distances = torch.where(positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared))
+    distances = torch.where(
+        positive, torch.where(positive, squared, torch.ones_like(squared)).sqrt(), torch.zeros_like(squared)
+    )
     weights = distances * torch.from_numpy(R.spatial_kernel(h, w, None)).float()
     if iterations is None:
         deg = weights.sum(-1)
@@ -227,7 +235,9 @@ def plain_float32_gradient(features: torch.Tensor, grad_coupled: torch.Tensor, i
         m = torch.where(total == 0, torch.full_like(deg, 1 / (h * w)), deg / torch.where(total == 0, 1.0, total))
     else:
         sums = weights.sum(1, keepdim=True)
-        transfer = torch.where(sums == 0, torch.full_like(weights, 1 / (h * w)), weights / torch.where(sums == 0, 1.0, sums))
+        transfer = torch.where(
+            sums == 0, torch.full_like(weights, 1 / (h * w)), weights / torch.where(sums == 0, 1.0, sums)
+        )
         m = torch.full((b, h * w), 1 / (h * w))
         for _ in range(iterations):
             m = (transfer @ m[..., None])[..., 0]
@@ -244,7 +254,9 @@ def plain_float32_gradient(features: torch.Tensor, grad_coupled: torch.Tensor, i
 def test_float32_exact_gradient_error_is_at_most_twice_plain_float32(maps, iterations, seed):
     features = torch.from_numpy(maps[0].astype(np.float32))[None]
     grad_coupled = torch.from_numpy(np.random.default_rng(seed).standard_normal(features.shape).astype(np.float32))
-    expected = R.soft_proposal_vjp(features[0].double().numpy(), grad_coupled[0].double().numpy(), iterations=iterations, detach=False)
+    expected = R.soft_proposal_vjp(
+        features[0].double().numpy(), grad_coupled[0].double().numpy(), iterations=iterations, detach=False
+    )
     x = features.clone().requires_grad_()
     spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
     scale = np.abs(expected).max()
@@ -268,7 +280,12 @@ def test_float32_exact_gradient_with_many_channels_and_near_pairs(iterations):
     spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
     plain = plain_float32_gradient(features, grad_coupled, iterations)
     for image in range(2):
-        expected = R.soft_proposal_vjp(u[image].astype(np.float32).astype(np.float64), grad_coupled[image].double().numpy(), iterations=iterations, detach=False)
+        expected = R.soft_proposal_vjp(
+            u[image].astype(np.float32).astype(np.float64),
+            grad_coupled[image].double().numpy(),
+            iterations=iterations,
+            detach=False,
+        )
         scale = np.abs(expected).max()
         error = np.abs(x.grad[image].double().numpy() - expected).max() / scale
         plain_error = np.abs(plain[image] - expected).max() / scale
@@ -288,4 +305,6 @@ def test_identical_vectors_are_exactly_zero_apart(dtype, offset):
     same = torch.from_numpy(mask.reshape(-1)[:, None] == mask.reshape(-1)[None, :])
     assert torch.equal(distances[same], torch.zeros_like(distances[same]))
     expected = np.linalg.norm((a - b).ravel())
-    np.testing.assert_allclose(distances[~same].double().numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13)
+    np.testing.assert_allclose(
+        distances[~same].double().numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13
+    )

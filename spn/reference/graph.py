@@ -43,7 +43,9 @@ def resolve_epsilon(epsilon: Epsilon, height: int, width: int) -> float:
     if callable(epsilon):
         epsilon = epsilon(height, width)
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float, np.floating, np.integer)):
-        raise TypeError(f"epsilon must be None, a positive number or a callable (H, W) -> number; got {type(epsilon).__name__}")
+        raise TypeError(
+            f"epsilon must be None, a positive number or a callable (H, W) -> number; got {type(epsilon).__name__}"
+        )
     epsilon = float(epsilon)
     if not epsilon > 0:  # also catches NaN
         raise ValueError(f"epsilon must be positive, got {epsilon}")

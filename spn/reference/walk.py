@@ -97,7 +97,7 @@ def power_iteration(transfer, iterations: int, tolerance: float = 0.0) -> WalkRe
     n = d.shape[0]
     m = np.full(n, 1.0 / n)
     change, converged, steps = float("nan"), False, 0
-    for steps in range(1, iterations + 1):
+    for steps in range(1, iterations + 1):  # noqa: B007 (steps is returned: how many were taken)
         new = d @ m
         new /= new.sum()
         change = float(np.linalg.norm(new - m))
@@ -122,7 +122,9 @@ def check_walk_options(iterations, tolerance) -> None:
         raise ValueError("tolerance applies to an iterative walk: pass iterations=k as well")
 
 
-def proposal_map(features, epsilon: Epsilon = None, iterations: int | None = None, tolerance: float = 0.0) -> np.ndarray:
+def proposal_map(
+    features, epsilon: Epsilon = None, iterations: int | None = None, tolerance: float = 0.0
+) -> np.ndarray:
     """The proposal map M of one image: (K, H, W) features -> (H, W), sums to 1.
 
     Args:
