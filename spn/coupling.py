@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["couple", "sum_pool"]
+
 
 def couple(features: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
     """V_k = U_k * M for every channel: (B, K, H, W) x (B, H, W) -> (B, K, H, W)."""

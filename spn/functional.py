@@ -12,6 +12,8 @@ from ._checks import check_backend, check_detach, check_features, check_walk_opt
 from .coupling import couple
 from .presets import Epsilon, resolve_epsilon
 
+__all__ = ["ConvergenceWarning", "soft_proposal", "torch_soft_proposal"]
+
 
 class ConvergenceWarning(RuntimeWarning):
     """An iterative walk with a tolerance ran out of iterations before it was stable."""

@@ -42,6 +42,21 @@ from typing import NamedTuple
 
 import torch
 
+__all__ = [
+    "BLOCK_ELEMENTS",
+    "CENTRE_SAMPLES",
+    "DENSE_ELEMENTS",
+    "NEAR",
+    "SAFE_SQUARES",
+    "STRIP_ELEMENTS",
+    "TRANSFER_BYTES",
+    "degrees",
+    "distances",
+    "spatial_kernel",
+    "transfer_matrix",
+    "unit_scale",
+]
+
 # Elements of one strip (images, rows, columns) of the distance matrix; a few such temporaries are
 # alive at once (8M: 32 MiB in float32). Images are taken in groups that fit.
 BLOCK_ELEMENTS = 1 << 23

@@ -10,6 +10,8 @@ from .coupling import sum_pool
 from .functional import soft_proposal
 from .presets import Epsilon, resolve_epsilon
 
+__all__ = ["SoftProposal", "SpatialSumPool"]
+
 
 class SoftProposal(nn.Module):
     r"""Soft Proposal module: couples features with their proposal map, V = U * M.

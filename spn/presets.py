@@ -20,6 +20,8 @@ import numbers
 from collections.abc import Callable
 from types import MappingProxyType
 
+__all__ = ["PAPER", "RELEASED", "default_epsilon", "released_epsilon", "resolve_epsilon"]
+
 Epsilon = float | Callable[[int, int], float] | None
 
 

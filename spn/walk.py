@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+__all__ = ["SYNC_EVERY", "is_tracing", "power_iteration", "stationary_state"]
+
 # Steps between two convergence checks on devices other than the CPU.
 SYNC_EVERY = 8
 

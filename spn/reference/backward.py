@@ -16,6 +16,8 @@ import numpy as np
 from .graph import Epsilon, check_features, edge_weights, pairwise_distances, spatial_kernel, transfer_matrix
 from .walk import check_walk_options, power_iteration, stationary_state
 
+__all__ = ["soft_proposal_vjp"]
+
 
 def soft_proposal_vjp(
     features,

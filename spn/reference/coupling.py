@@ -6,6 +6,8 @@ import numpy as np
 
 from .graph import check_features
 
+__all__ = ["couple", "sum_pool"]
+
 
 def couple(features, proposal) -> np.ndarray:
     """V_k = U_k * M for every channel k: (K, H, W)."""

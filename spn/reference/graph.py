@@ -23,6 +23,18 @@ from collections.abc import Callable
 import numpy as np
 from scipy.spatial.distance import cdist
 
+__all__ = [
+    "check_features",
+    "default_epsilon",
+    "degrees",
+    "edge_weights",
+    "pairwise_distances",
+    "released_epsilon",
+    "resolve_epsilon",
+    "spatial_kernel",
+    "transfer_matrix",
+]
+
 Epsilon = float | Callable[[int, int], float] | None
 
 

@@ -26,6 +26,17 @@ from scipy.sparse.linalg import eigs
 
 from .graph import Epsilon, check_features, degrees, transfer_matrix
 
+__all__ = [
+    "DENSE_EIGS",
+    "ConvergenceWarning",
+    "WalkResult",
+    "check_walk_options",
+    "power_iteration",
+    "proposal_map",
+    "stationary_eigs",
+    "stationary_state",
+]
+
 
 class ConvergenceWarning(RuntimeWarning):
     """An iterative walk with a tolerance ran out of iterations before it was stable."""
