@@ -536,7 +536,7 @@ def _main(args: argparse.Namespace) -> int:
 
         if "cupy" in backends and not cuda.is_available():
             print(
-                "spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn[cuda12]')", file=sys.stderr
+                "spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn-wsol[cuda12]')", file=sys.stderr
             )
             backends.remove("cupy")
         peak = peaks(device.index)

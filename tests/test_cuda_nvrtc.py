@@ -27,7 +27,7 @@ from spn.cuda import function
 ARCHS = ("compute_80", "compute_90")
 needs_cupy = pytest.mark.skipif(
     importlib.util.find_spec("cupy") is None,
-    reason="CuPy is not installed: pip install 'spn[cuda12]' to check the CUDA sources",
+    reason="CuPy is not installed: pip install 'spn-wsol[cuda12]' to check the CUDA sources",
 )
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -14,8 +14,8 @@ import torch
 __all__ = ["cupy_soft_proposal", "is_available", "require"]
 
 _INSTALL = (
-    "install CuPy for your CUDA version: pip install 'spn[cuda12]' (cupy-cuda12x) or "
-    "pip install 'spn[cuda13]' (cupy-cuda13x); or use backend='torch'"
+    "install CuPy for your CUDA version: pip install 'spn-wsol[cuda12]' (cupy-cuda12x) or "
+    "pip install 'spn-wsol[cuda13]' (cupy-cuda13x); or use backend='torch'"
 )
 
 
