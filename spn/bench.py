@@ -536,7 +536,8 @@ def _main(args: argparse.Namespace) -> int:
 
         if "cupy" in backends and not cuda.is_available():
             print(
-                "spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn-wsol[cuda12]')", file=sys.stderr
+                "spn bench: CuPy is not installed, skipping backend 'cupy' (pip install 'spn-wsol[cuda12]')",
+                file=sys.stderr,
             )
             backends.remove("cupy")
         peak = peaks(device.index)
@@ -591,9 +592,16 @@ def _main(args: argparse.Namespace) -> int:
                     continue  # without autograd the forward pass does not depend on detach
                 seconds, extra, reps = measure(_run_pass(call, u, grad, pass_), timer, args.quick)
                 record = {
-                    "batch": batch, "channels": channels, "height": side, "width": side,
-                    "mode": mode, "pass": pass_, "backend": backend,
-                    "us_per_image": seconds * 1e6 / batch, "peak_extra_bytes": extra, "repetitions": reps,
+                    "batch": batch,
+                    "channels": channels,
+                    "height": side,
+                    "width": side,
+                    "mode": mode,
+                    "pass": pass_,
+                    "backend": backend,
+                    "us_per_image": seconds * 1e6 / batch,
+                    "peak_extra_bytes": extra,
+                    "repetitions": reps,
                 }
                 if backend in ("cupy", "torch"):
                     flop, moved = model(mode, pass_, channels, n)
@@ -620,8 +628,10 @@ def _main(args: argparse.Namespace) -> int:
         entry = {"batch": b, "channels": k, "height": s, "width": s, "backend": backend, "mode": mode}
         entry.update(host_overhead(call, u, timer, 10 if args.quick else 100))
         overhead.append(entry)
-        print(f"host overhead {backend:>6} {mode:>8} at {b},{k},{s}: {entry['overhead_us']:.1f} us/call "
-              f"(call returns after {entry['host_us_per_call']:.1f} us, GPU {entry['device_us_per_call']:.1f} us)")
+        print(
+            f"host overhead {backend:>6} {mode:>8} at {b},{k},{s}: {entry['overhead_us']:.1f} us/call "
+            f"(call returns after {entry['host_us_per_call']:.1f} us, GPU {entry['device_us_per_call']:.1f} us)"
+        )
 
     result["complete"] = True
     write_atomically(out, result)

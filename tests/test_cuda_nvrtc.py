@@ -248,7 +248,7 @@ def test_require_without_cupy_says_what_to_install(monkeypatch):
     from spn import cuda
 
     monkeypatch.setitem(sys.modules, "cupy", None)  # makes `import cupy` raise ImportError
-    with pytest.raises(RuntimeError, match=r"pip install 'spn\[cuda12\]'.*cupy-cuda12x.*spn\[cuda13\]"):
+    with pytest.raises(RuntimeError, match=r"pip install 'spn-wsol\[cuda12\]'.*cupy-cuda12x.*spn-wsol\[cuda13\]"):
         cuda.require(torch.zeros(1, 1, 2, 2))
     assert cuda.is_available() is False
 
