@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import spn
+from spn.methods import Method, MethodError, get_method
 from spn.models import Network
 
 __all__ = ["DATASETS", "MODELS", "ConfigError", "RunConfig", "build_dataset", "build_mask_dataset", "build_model"]
@@ -39,6 +40,7 @@ class RunConfig:
     metadata: str | None = None
     mask_root: str | None = None
     method: str = "default"
+    method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # --method-option KEY=VALUE
     epochs: int = 40
     batch_size: int = 64
     lr: float = 0.01
@@ -74,6 +76,11 @@ class RunConfig:
             raise ConfigError(
                 f"--data IMAGE_ROOT is needed for --dataset {self.dataset} (only digits generates its own)"
             )
+        self.method_options = dict(self.method_options)
+        try:
+            self.training_method()  # an unknown method or option fails here, before any work
+        except MethodError as error:
+            raise ConfigError(f"--method {self.method}: {error}") from None
         if self.preset not in PRESETS:
             raise ConfigError(f"--preset must be one of {', '.join(PRESETS)}; got {self.preset!r}")
         for name in ("epochs", "batch_size", "lr_decay_every"):
@@ -114,6 +121,10 @@ class RunConfig:
 
     # ------------------------------------------------------------ derived values
 
+    def training_method(self) -> Method:
+        """The `spn.methods.Method` of ``--method`` with its ``--method-option`` values."""
+        return get_method(self.method, self.method_options)
+
     @property
     def is_sp(self) -> bool:
         return self.model.endswith("_sp")
@@ -140,7 +151,12 @@ class RunConfig:
 
 def build_model(config: RunConfig, num_classes: int) -> Network:
     """The network of ``config`` with ``num_classes`` outputs (weights as initialised, or the
-    backbone's from ``--backbone-weights``; never downloaded)."""
+    backbone's from ``--backbone-weights``; never downloaded): the ``--model`` network as
+    ``--method`` builds on it (`spn.methods.Method.build`)."""
+    return config.training_method().build(_base_model(config, num_classes), config)
+
+
+def _base_model(config: RunConfig, num_classes: int) -> Network:
     from spn import models
 
     if config.model.startswith("small"):

@@ -98,17 +98,24 @@ def load_run(run_dir: str | Path, **overrides: Any) -> tuple[RunConfig, Network]
     """The run's config (with path overrides) and its trained model, in eval mode on the CPU."""
     config = RunConfig.load(run_dir)
     changes = {key: value for key, value in overrides.items() if value is not None}
-    config = dataclasses.replace(config, **changes) if changes else config
+    changes["out"] = str(run_dir)  # the run directory may have moved since training
+    config = dataclasses.replace(config, **changes)
     if config.num_classes is None:
         raise ConfigError(f"{Path(run_dir) / 'config.json'}: num_classes is missing (the run never started training)")
-    path = Path(run_dir) / "checkpoint.pt"
+    model = config.training_method().load_model(config, Path(run_dir), load_trained)
+    return config, model.eval()
+
+
+def load_trained(config: RunConfig) -> Network:
+    """The model of ``config`` with the weights of ``config.out``'s checkpoint."""
+    path = Path(config.out) / "checkpoint.pt"
     state = load_checkpoint(path)
-    model = build_model(config, config.num_classes)
+    model = build_model(config, int(config.num_classes or 0))
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as error:
         raise CheckpointError(f"{path}: does not fit the model of config.json ({config.model}): {error}") from None
-    return config, model.eval()
+    return model
 
 
 def evaluate_run(

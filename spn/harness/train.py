@@ -28,10 +28,11 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from spn.methods import METHODS, Step, parse_options
+
 from .checkpoint import CheckpointError, append_jsonl, load_checkpoint, save_checkpoint, write_json
 from .config import DATASETS, MODELS, ConfigError, RunConfig, build_dataset, build_model
 from .distributed import Context, setup, teardown
-from .methods import METHODS
 
 __all__ = ["build_parser", "main", "run"]
 
@@ -45,7 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--mask-root", metavar="DIR", help="root of the mask PNGs (default IMAGE_ROOT)")
     parser.add_argument("--dataset", choices=DATASETS, default="wsol", help="metadata layout (default wsol)")
     parser.add_argument("--model", choices=MODELS, required=True)
-    parser.add_argument("--method", choices=sorted(METHODS), default="default")
+    parser.add_argument("--method", choices=list(METHODS), default="default", help="training method (default: CE)")
+    parser.add_argument(
+        "--method-option", dest="method_options", action="append", default=[], metavar="KEY=VALUE",
+        help="an option of --method (repeatable; see docs/methods.md), e.g. --method-option delta=0.7",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, required=True)
     parser.add_argument("--batch-size", type=int, default=64, help="global batch size (default 64)")
     parser.add_argument("--lr", type=float, default=0.01, help="learning rate of the backbone (default 0.01)")
@@ -83,8 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     resume, device = options.pop("resume"), options.pop("device")
     options["widths"] = tuple(options["widths"])
     try:
+        options["method_options"] = parse_options(options["method_options"])
         config = RunConfig(**options)
-    except ConfigError as error:
+    except (ConfigError, ValueError) as error:
         print(f"spn train: error: {error}", file=sys.stderr)
         return 2
     context = setup(device)
@@ -101,8 +107,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 def run(config: RunConfig, resume: bool = False, context: Context | None = None) -> dict[str, Any]:
     """Train ``config`` (resuming from ``config.out``'s checkpoint when ``resume``); returns the
     last epoch's record. Everything is checked before the first step: the run directory, the
-    checkpoint, the data (a validation pass over the metadata), the model."""
+    checkpoint, the data (a validation pass over the metadata), the model. A multi-stage
+    method (`spn.methods.Method.fit`) runs one such training per stage."""
     context = context or Context()
+
+    def train(stage_config: RunConfig, stage_resume: bool) -> dict[str, Any]:
+        return _train(stage_config, stage_resume, context)
+
+    return config.training_method().fit(config, resume, train)
+
+
+def _train(config: RunConfig, resume: bool, context: Context) -> dict[str, Any]:
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     state: dict[str, Any] | None = None
@@ -146,18 +161,24 @@ def run(config: RunConfig, resume: bool = False, context: Context | None = None)
     if context.distributed:
         network = torch.nn.parallel.DistributedDataParallel(model)
 
-    method = METHODS[config.method]
+    method = config.training_method()
     items = SeededItems(dataset, config.seed)
-    sampler: DistributedSampler[Any] = DistributedSampler(
-        items, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed, drop_last=True
-    )
     per_process = config.batch_size // context.world_size
+    sampler: Any = method.sampler(
+        list(dataset.labels), seed=config.seed, num_replicas=context.world_size, rank=context.rank,
+        batch_size=per_process,
+    )  # fmt: skip
+    if sampler is None:
+        sampler = DistributedSampler(
+            items, num_replicas=context.world_size, rank=context.rank, shuffle=True, seed=config.seed, drop_last=True
+        )
     if len(sampler) < per_process:
         raise ConfigError(f"the training split has {len(items)} images, fewer than one batch of {config.batch_size}")
     record: dict[str, Any] = {}
     for epoch in range(start_epoch, config.epochs):
         started = time.perf_counter()
-        sampler.set_epoch(epoch)
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
         items.epoch = epoch
         torch.manual_seed(mix(config.seed, epoch, -1))  # dropout and anything else drawn in the step
         loader = DataLoader(
@@ -170,17 +191,21 @@ def run(config: RunConfig, resume: bool = False, context: Context | None = None)
         )
         totals = train_epoch(network, loader, optimizer, method, config, context, epoch)
         scheduler.step()
+        names = sorted(totals)
+        flat = torch.stack([totals[name] for name in names])
         if context.distributed:
-            torch.distributed.all_reduce(totals)
-        loss_sum, correct, seen = totals.tolist()
+            torch.distributed.all_reduce(flat)
+        sums = dict(zip(names, flat.tolist(), strict=True))
+        seen = sums.pop("images")
         record = {
             "epoch": epoch + 1,
-            "loss": loss_sum / max(seen, 1),
-            "train_acc": correct / max(seen, 1),
+            "loss": sums.pop("loss") / max(seen, 1),
+            "train_acc": sums.pop("correct") / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
             "seconds": time.perf_counter() - started,
             "images": int(seen),
         }
+        record.update({f"loss_{name}": value / max(seen, 1) for name, value in sums.items()})
         if context.is_main:
             save_checkpoint(
                 checkpoint_path,
@@ -211,15 +236,18 @@ def train_epoch(
     config: RunConfig,
     context: Context,
     epoch: int,
-) -> torch.Tensor:
-    """One pass over ``loader``; returns ``[sum of losses x images, correct, images]`` of this process."""
+) -> dict[str, torch.Tensor]:
+    """One pass over ``loader``; returns this process's sums over its images: ``loss``,
+    ``correct``, ``images`` and each named part of the method's loss (float64 scalars)."""
     model.train()
-    totals = torch.zeros(3, dtype=torch.float64)
+    zero = torch.zeros((), dtype=torch.float64)
+    totals: dict[str, torch.Tensor] = {"loss": zero.clone(), "correct": zero.clone(), "images": zero.clone()}
     progress = _progress(loader, context, f"epoch {epoch + 1}/{config.epochs}")
+    step = Step(epoch, config.epochs)
     for batch in progress:
         images = batch["image"].to(context.device, non_blocking=True)
         with torch.autocast(context.device.type, dtype=torch.bfloat16, enabled=config.bf16):
-            loss, logits = method(model, images, batch, config)
+            loss, logits, parts = method.loss(model, images, batch, step)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -227,9 +255,16 @@ def train_epoch(
         correct = 0
         if "labels" not in batch:
             correct = int((logits.detach().argmax(1).cpu() == batch["label"]).sum())
-        totals += torch.tensor([float(loss.detach()) * count, correct, count], dtype=torch.float64)
+        totals["loss"] += float(loss.detach()) * count
+        totals["correct"] += correct
+        totals["images"] += count
+        for name, value in parts.items():
+            totals.setdefault(name, zero.clone())
+            totals[name] += float(value) * count
         if hasattr(progress, "set_postfix"):
-            progress.set_postfix(loss=f"{totals[0] / totals[2]:.4f}", acc=f"{totals[1] / totals[2]:.3f}")
+            seen = float(totals["images"])
+            loss_text, acc_text = f"{float(totals['loss']) / seen:.4f}", f"{float(totals['correct']) / seen:.3f}"
+            progress.set_postfix(loss=loss_text, acc=acc_text)
     return totals
 
 

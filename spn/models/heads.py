@@ -76,8 +76,13 @@ class WSOLHead(nn.Module):
         """The (N, K) weight of the class response maps (the classifier's, no bias)."""
         raise NotImplementedError
 
-    def forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Logits (B, N) from backbone features (B, C, h, w)."""
+    def forward(self, features: torch.Tensor, target: torch.Tensor | None = None) -> Any:
+        """Logits (B, N) from backbone features (B, C, h, w).
+
+        ``target`` (B,) are the training labels, for heads that use them during training
+        (ACoL erases with the ground-truth class's map); such a head may then return a richer
+        training output that its method's loss reads. Plain heads ignore it.
+        """
         return self.compute(features).logits
 
     def forward_with_maps(

@@ -51,8 +51,12 @@ class Network(nn.Module):
     def num_classes(self) -> int:
         return self.head.num_classes
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.head(self.backbone(images))
+    def forward(self, images: torch.Tensor, target: torch.Tensor | None = None) -> Any:
+        """Logits (B, N); ``target`` (training labels) is passed to heads that use it (see
+        `WSOLHead.forward`), which may then return their method's training output."""
+        if target is None:
+            return self.head(self.backbone(images))
+        return self.head(self.backbone(images), target)
 
     def forward_with_maps(
         self,
