@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, ClassVar
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from spn.methods import METHODS, Method, MethodError, Step, get_method, parse_op
 
 class _Toy(Method):
     name = "toy"
-    defaults = {"delta": 0.6, "steps": 3, "flag": False, "label": "x"}
+    defaults: ClassVar[dict[str, Any]] = {"delta": 0.6, "steps": 3, "flag": False, "label": "x"}
 
 
 def test_options_default_and_converted():
