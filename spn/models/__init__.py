@@ -9,12 +9,14 @@
 
 Modules: `heads` (WSOLHead, SPNHead, CAMHead), `maps` (class selection, the response-map
 einsum, upsampling), `backbones` (VGG16 with torchvision-compatible keys, a small CNN),
+`levels` (FeatureLevels: a backbone's last few stage outputs, for multi-level methods),
 `resnet` (wsolevaluation's ResNet50 with torchvision-compatible keys), `networks` (Network
 and the constructors).
 """
 
 from .backbones import VGG16_CONFIG, SmallBackbone, VGG16Backbone, load_vgg16_features
 from .heads import CAMHead, HeadOutput, HeadState, SPNHead, WSOLHead
+from .levels import FeatureLevels
 from .maps import ClassSpec, class_response_maps, resolve_classes, top_k, upsample_maps
 from .networks import Network, resnet50_cam, resnet50_sp, small_cam, small_sp, vgg16_cam, vgg16_sp
 from .resnet import ResNet50Backbone, load_resnet50_features
@@ -23,6 +25,7 @@ __all__ = [
     "VGG16_CONFIG",
     "CAMHead",
     "ClassSpec",
+    "FeatureLevels",
     "HeadOutput",
     "HeadState",
     "Network",
