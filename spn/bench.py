@@ -65,16 +65,13 @@ minutes on 2 cores; there is no GPU memory to report there).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime as _dt
 import json
 import math
-import os
 import platform
 import re
 import statistics
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable
@@ -82,6 +79,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from spn._io import write_atomic
 
 __all__ = [
     "BACKENDS",
@@ -463,16 +462,8 @@ def validate(plans, u: torch.Tensor, case: tuple[int, int, int]) -> None:
 def write_atomically(path: Path, record: dict) -> None:
     """Write `record` as JSON to `path`: a temporary file in the same folder, then os.replace,
     so that `path` always holds a whole record (the previous one until the new one is complete)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w") as file:
-            file.write(json.dumps(record, indent=2) + "\n")
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
+    data = (json.dumps(record, indent=2) + "\n").encode()
+    write_atomic(path, lambda file: file.write(data))
 
 
 # ---------------------------------------------------------------------------------------

@@ -20,8 +20,6 @@ them, so ``import spn`` and ``import spn.viz`` import neither, and a missing one
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ import numpy as np
 import torch
 
 from spn._convert import to_numpy
+from spn._io import atomic_path
 from spn.models.maps import upsample_maps
 
 __all__ = [
@@ -82,17 +81,9 @@ def _require_pictures(what: str) -> None:
 def _write_atomically(path: str | Path, write: Callable[[Path], Any]) -> Path:
     """``write(temporary)`` to a file beside ``path``, then rename it to ``path`` (readers never
     see a half-written file; a failed write leaves ``path`` as it was)."""
-    path = Path(path)
-    descriptor, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(descriptor)
-    temporary = Path(name)
-    try:
+    with atomic_path(path) as temporary:
         write(temporary)
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return Path(path)
 
 
 def to_uint8_image(image: Any) -> np.ndarray:
