@@ -14,7 +14,7 @@ TORCH ?= torch==2.13.0
 EXTRAS ?= test
 BIN := $(VENV)/bin
 
-.PHONY: test lint demo bench venv clean
+.PHONY: test lint demo bench benchmark venv clean
 
 venv: $(VENV)/.installed
 
@@ -36,6 +36,13 @@ demo: venv
 	$(BIN)/python -m spn compare --out out/demo --variants small_sp small_cam --seeds 0 --epochs 2 \
 		--widths 16 32 64 --interval 0.01
 	$(BIN)/python -m spn demo --out out/demo/proposal.png
+
+# make benchmark: SPN (exact stationary state and spn.RELEASED's walk), CAM and the seed methods
+#   on the digits benchmark, 3 seeds each, same budget; tables, pictures and timings in
+#   benchmarks/results/wsol_digits/ (see docs/benchmark.md). Re-running resumes and keeps finished runs.
+BENCHMARK_VARIANTS ?= small_sp small_cam small_sp:released
+benchmark: venv
+	$(BIN)/python benchmarks/wsol_digits.py --out benchmarks/results/wsol_digits --variants $(BENCHMARK_VARIANTS)
 
 bench: venv
 	$(BIN)/python -m spn bench

@@ -199,3 +199,16 @@ def test_bf16_autocast_trains(digits, tmp_path):
     line = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert line["loss"] == line["loss"] and line["loss"] > 0  # finite, not NaN
     assert json.loads((run / "config.json").read_text())["bf16"] is True
+
+
+def test_compare_variants_name_model_preset_method_and_options():
+    from spn.harness.compare import _slug, parse_variant
+    from spn.harness.config import ConfigError
+
+    assert parse_variant("small_sp") == ("small_sp", "paper", "default", {})
+    assert parse_variant("small_sp:released") == ("small_sp", "released", "default", {})
+    expected = ("small_cam", "paper", "acol", {"delta": 0.7, "name": "x"})
+    assert parse_variant("small_cam+acol,delta=0.7,name=x") == expected
+    assert _slug("small_cam+acol,delta=0.7") == "small_cam-acol-delta0.7"
+    with pytest.raises(ConfigError, match="variant 'small_cam\\+acol,delta': --method-option expects KEY=VALUE"):
+        parse_variant("small_cam+acol,delta")

@@ -5,8 +5,10 @@
 
 Each (variant, seed) is one ``spn train`` run in ``OUT/runs/<variant>-seed<seed>`` followed by
 ``spn evaluate`` on the test split; runs already finished are kept and a run that was
-interrupted is resumed, so the command can be re-run after a kill. A variant is a model name
-with an optional ``:released`` (SoftProposal with ``spn.RELEASED``'s 20-step walk). Then
+interrupted is resumed, so the command can be re-run after a kill. A variant is
+``MODEL[:released][+METHOD[,KEY=VALUE...]]``: a model name, ``:released`` for SoftProposal
+with ``spn.RELEASED``'s 20-step walk, and a training method with its options (``--method``
+and ``--method-option`` of ``spn train``), e.g. ``small_cam+acol,delta=0.7``. Then
 ``OUT/results.json`` (every run) and ``OUT/results.md`` (mean +/- standard deviation over the
 seeds of every metric and of the training time per epoch) are written, and the picture grid
 of each variant's first seed is left in ``OUT/pictures``.
@@ -16,18 +18,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from spn.methods import MethodError, parse_options
+
 from .checkpoint import CheckpointError, load_checkpoint, write_json, write_text
 from .config import ConfigError, RunConfig
 from .evaluate import HEADLINES, evaluate_run
 from .train import run
 
-__all__ = ["build_parser", "main", "summarize"]
+__all__ = ["build_parser", "main", "parse_variant", "summarize"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,24 +73,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     records = []
     try:
         for variant in args.variants:
-            model, _, preset = variant.partition(":")
+            model, preset, method, options = parse_variant(variant)
             for seed in args.seeds:
-                run_dir = out / "runs" / f"{variant.replace(':', '-')}-seed{seed}"
+                run_dir = out / "runs" / f"{_slug(variant)}-seed{seed}"
                 config = RunConfig(
                     model=model, out=str(run_dir), dataset=args.dataset, data=data, metadata=args.metadata,
                     epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=seed, workers=args.workers,
-                    preset=preset or "paper", widths=tuple(args.widths),
+                    preset=preset, widths=tuple(args.widths), method=method, method_options=options,
                 )  # fmt: skip
                 if not _finished(run_dir, args.epochs):
                     print(f"== {variant}, seed {seed}: training", flush=True)
+                    load = os.getloadavg()[0]
                     run(config, resume=(run_dir / "checkpoint.pt").exists())
+                    write_json(run_dir / "load.json", {"load_average_1min": [load, os.getloadavg()[0]]})
                 print(f"== {variant}, seed {seed}: evaluating", flush=True)
-                pictures = str(out / "pictures" / variant.replace(":", "-")) if seed == args.seeds[0] else None
+                pictures = str(out / "pictures" / _slug(variant)) if seed == args.seeds[0] else None
                 result = evaluate_run(
                     run_dir, split="test", pictures=pictures, interval=args.interval, pointing_radius=radius
                 )
                 epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 result["seconds_per_epoch"] = statistics.median(line["seconds"] for line in epochs)
+                result["train_seconds"] = sum(line["seconds"] for line in epochs)
+                if (run_dir / "load.json").is_file():  # the machine's load while it trained (start, end)
+                    result["load_average"] = json.loads((run_dir / "load.json").read_text())["load_average_1min"]
                 result.update(variant=variant, seed=seed)
                 records.append(result)
                 write_json(out / "results.json", records)
@@ -97,6 +107,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_text(out / "results.md", table)
     print(table)
     return 0
+
+
+def parse_variant(variant: str) -> tuple[str, str, str, dict[str, Any]]:
+    """``"small_cam+acol,delta=0.7"`` -> ``("small_cam", "paper", "acol", {"delta": 0.7})``."""
+    head, _, method_text = variant.partition("+")
+    model, _, preset = head.partition(":")
+    method, *option_items = method_text.split(",") if method_text else ["default"]
+    try:
+        options = parse_options(option_items)
+    except MethodError as error:
+        raise ConfigError(f"variant {variant!r}: {error}") from None
+    return model, preset or "paper", method, options
+
+
+def _slug(variant: str) -> str:
+    """A directory name for a variant: ``small_cam+acol,delta=0.7`` -> ``small_cam-acol-delta0.7``."""
+    return variant.replace(":", "-").replace("+", "-").replace(",", "-").replace("=", "")
 
 
 def _image_size(data: str | None) -> int:
@@ -114,7 +141,8 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 
 def summarize(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table: one row per variant, ``mean +/- std`` over its seeds per column."""
-    columns = [key for key in (*HEADLINES, "seconds_per_epoch") if any(r.get(key) is not None for r in records)]
+    timings = ("seconds_per_epoch", "train_seconds")
+    columns = [key for key in (*HEADLINES, *timings) if any(r.get(key) is not None for r in records)]
     lines = [
         "| variant | seeds | " + " | ".join(columns) + " |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
@@ -129,8 +157,11 @@ def summarize(records: Sequence[dict[str, Any]]) -> str:
                 cells.append("")
                 continue
             spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            scale, digits = (1.0, 1) if key == "seconds_per_epoch" else (100.0, 1)
+            scale, digits = (1.0, 1) if key in timings else (100.0, 1)
             cells.append(f"{statistics.fmean(values) * scale:.{digits}f} ± {spread * scale:.{digits}f}")
         lines.append(f"| {variant} | {len(rows)} | " + " | ".join(cells) + " |")
-    note = "\nAccuracies in %, mean ± standard deviation over the seeds; seconds_per_epoch: median per run.\n"
+    note = (
+        "\nAccuracies in %, mean ± standard deviation over the seeds; seconds_per_epoch: the median"
+        " epoch of a run; train_seconds: all its epochs (every step of a multi-step method).\n"
+    )
     return "\n".join(lines) + "\n" + note
