@@ -93,6 +93,31 @@ def test_train_and_evaluate_on_voc(tmp_path):
     out = tmp_path / "voc.json"
     assert spn_main(["evaluate", "--run", str(run), "--split", "test", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    for key in ("top1_cls", "pointing_game", "corloc"):
+    for key in ("top1_cls", "pointing_game", "pointing_game_difficult", "corloc"):
         assert 0.0 <= result[key] <= 1.0, key
     assert result["images"] == 4
+
+
+def test_difficult_subset_by_the_ebp_rule_and_from_a_file(tmp_path):
+    from spn.data.voc import ebp_difficult_flags, read_difficult_flags
+
+    voc = write_voc(tmp_path, count=2, size=32)
+    # image 1: a dog 10 x 10 (100 of 1024 px) alone -> not difficult (no other class);
+    # image 0: a cat 10 x 10 and a person 4 x 4 -> both small, each with another class -> difficult
+    flags = ebp_difficult_flags(VOCDataset(voc, "trainval"))
+    cat, dog, person = VOC_CLASSES.index("cat"), VOC_CLASSES.index("dog"), VOC_CLASSES.index("person")
+    assert [c for c, flag in enumerate(flags["000000"]) if flag] == [cat, person]
+    assert not any(flags["000001"])
+    # a big object (the union of its boxes >= 1/4 of the image) is not difficult
+    xml = voc / "Annotations" / "000000.xml"
+    xml.write_text(annotation(32, 32, [("cat", (1, 1, 16, 16), 0), ("person", (1, 1, 4, 4), 1)]))
+    flags = ebp_difficult_flags(VOCDataset(voc, "trainval"))
+    assert flags["000000"][cat] is False and flags["000000"][person] is True
+    assert dog not in [c for c, flag in enumerate(flags["000000"]) if flag]
+
+    listing = tmp_path / "difficult.txt"
+    listing.write_text("000000\t" + "\t".join("1" if c == cat else "0" for c in range(20)) + "\n")
+    assert read_difficult_flags(listing)["000000"][cat] is True
+    listing.write_text("000000 1 0\n")
+    with pytest.raises(DataError, match=r"difficult.txt:1: expected an image id and 20 flags"):
+        read_difficult_flags(listing)

@@ -28,7 +28,7 @@ from spn.localize import resize_boxes
 from . import transforms
 from ._errors import DataError
 
-__all__ = ["VOC_CLASSES", "VOCDataset"]
+__all__ = ["VOC_CLASSES", "VOCDataset", "ebp_difficult_flags", "read_difficult_flags"]
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -119,6 +119,11 @@ class VOCDataset(Dataset):
     def __len__(self) -> int:
         return len(self.ids)
 
+    @property
+    def labels(self) -> list[int]:
+        """Each image's ``label`` (its first annotated object's class), as `WSOLDataset.labels`."""
+        return [int(annotation["labels"][0]) for annotation in self.annotations]
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = self.root / "JPEGImages" / f"{self.ids[index]}.jpg"
         try:
@@ -148,3 +153,49 @@ class VOCDataset(Dataset):
             "box_labels": box_labels, "difficult": difficult, "mask": None, "ignore": None,
             "index": index, "path": f"JPEGImages/{self.ids[index]}.jpg", "size": size,
         }  # fmt: skip
+
+
+def ebp_difficult_flags(dataset: VOCDataset) -> dict[str, list[bool]]:
+    """The pointing game's *difficult* (image, class) pairs by the rule of excitation
+    backprop (Zhang et al., ECCV 2016), which the SPN paper's Table 1 uses: the class is in
+    the image, the union of its boxes covers less than a quarter of the image, and at least
+    one other class is in the image.
+
+    TorchRay ships the list it evaluates with (``pointing_game_ebp_voc07_difficult.txt``); this
+    function derives the subset from the annotations by the stated rule and has not been
+    compared with that list (it needs VOC2007's annotations, which are not bundled). To
+    reproduce TorchRay exactly, pass its list to `read_difficult_flags` instead.
+
+    Returns:
+        ``{image_id: [flag of class 0, ..., flag of class 19]}`` for every image of the set.
+    """
+    flags: dict[str, list[bool]] = {}
+    for image_id, annotation in zip(dataset.ids, dataset.annotations, strict=True):
+        height, width = annotation["size"]
+        present = set(annotation["labels"])
+        row = [False] * len(VOC_CLASSES)
+        for cls in present:
+            covered = np.zeros((height, width), dtype=bool)
+            for (x0, y0, x1, y1), label in zip(annotation["boxes"], annotation["labels"], strict=True):
+                if label == cls:
+                    covered[y0 : y1 + 1, x0 : x1 + 1] = True
+            row[cls] = bool(covered.sum() < height * width / 4) and len(present) > 1
+        flags[image_id] = row
+    return flags
+
+
+def read_difficult_flags(path: str | os.PathLike[str]) -> dict[str, list[bool]]:
+    """Read a pointing-game subset file in TorchRay's format: per line an image id and one
+    0/1 flag per class, tab- or space-separated (``000003  0 0 ... 1 0``)."""
+    file = Path(path)
+    flags: dict[str, list[bool]] = {}
+    for number, line in enumerate(file.read_text().splitlines(), 1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != len(VOC_CLASSES) + 1 or any(field not in ("0", "1") for field in fields[1:]):
+            raise DataError(
+                f"{file}:{number}: expected an image id and {len(VOC_CLASSES)} flags 0/1, got {len(fields)} fields"
+            )
+        flags[fields[0]] = [field == "1" for field in fields[1:]]
+    return flags

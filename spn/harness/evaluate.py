@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--pointing-radius", type=float, default=15.0,
         help="pointing-game radius in pixels of the evaluation size (TorchRay: 15, for ~500 px VOC images)",
     )  # fmt: skip
+    parser.add_argument(
+        "--difficult-flags", metavar="FILE",
+        help="voc: the pointing game's difficult subset as TorchRay's list file (image id, 20 flags 0/1 per line); "
+        "default: derived from the annotations by the excitation-backprop rule",
+    )  # fmt: skip
     parser.add_argument("--device", choices=("cpu", "cuda"))
     return parser
 
@@ -78,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             interval=args.interval,
             pointing_radius=args.pointing_radius,
             context=context,
+            difficult_flags=args.difficult_flags,
         )
         if context.is_main:
             write_json(args.json, results)
@@ -91,7 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-HEADLINES = ("top1_cls", "top5_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pxap", "corloc")
+HEADLINES = (
+    "top1_cls", "top5_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pointing_game_difficult",
+    "pxap", "corloc",
+)  # fmt: skip
 
 
 def load_run(run_dir: str | Path, **overrides: Any) -> tuple[RunConfig, Network]:
@@ -131,6 +140,7 @@ def evaluate_run(
     interval: float = 0.001,
     pointing_radius: float = 15.0,
     context: Context | None = None,
+    difficult_flags: str | None = None,
 ) -> dict[str, Any]:
     """Score ``run_dir`` on ``split``; returns the dict written to ``OUT.json``."""
     context = context or Context()
@@ -138,7 +148,9 @@ def evaluate_run(
     model = model.to(context.device)
     dataset = build_dataset(config, split, train=False)
     if config.dataset == "voc":
-        results = _evaluate_multilabel(model, dataset, config, context, batch_size, workers)
+        results = _evaluate_multilabel(
+            model, dataset, config, context, batch_size, workers, pointing_radius, difficult_flags
+        )
     else:
         has_masks = bool(getattr(dataset, "has_masks", False))
         mask_set = dataset if has_masks else build_mask_dataset(config, split)
@@ -259,38 +271,68 @@ def _count_classification(counts: torch.Tensor, logits: torch.Tensor, labels: to
 
 
 def _evaluate_multilabel(
-    model: Network, dataset: Any, config: RunConfig, context: Context, batch_size: int, workers: int
+    model: Network,
+    dataset: Any,
+    config: RunConfig,
+    context: Context,
+    batch_size: int,
+    workers: int,
+    pointing_radius: float,
+    difficult_flags: str | None,
 ) -> dict[str, Any]:
+    """Pascal VOC, as the SPN paper's Table 1: the pointing game over all (image, present
+    class) queries and over the *difficult* subset, and CorLoc. The pointing game runs at the
+    original image resolution (each class map upsampled from the feature map to the image's
+    own size, the boxes as annotated), as TorchRay does, so the radius is in original pixels."""
+    from spn.data.voc import ebp_difficult_flags, read_difficult_flags
+    from spn.models import upsample_maps
+
     num_classes = int(config.num_classes or 1)
-    pointing = metrics.PointingGame(num_classes=num_classes)
+    pointing = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
+    pointing_difficult = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
     corloc = metrics.CorLoc()
+    flags = read_difficult_flags(difficult_flags) if difficult_flags else ebp_difficult_flags(dataset)
     counts = torch.zeros(2, dtype=torch.float64)  # top-scoring class present, images
     for batch in _loader(dataset, context, batch_size, workers):
         images = batch["image"].to(context.device)
         with torch.no_grad():
-            out = model.forward_with_maps(images, classes="all", size="image")
-        logits, maps = out.logits.float().cpu(), out.maps.double().cpu().numpy()
+            out = model.forward_with_maps(images, classes="all", size=None)
+        logits, feature_maps = out.logits.float().cpu(), out.maps.double().cpu()
+        maps = upsample_maps(feature_maps, tuple(images.shape[-2:])).numpy()
         present = batch["labels"] > 0
         counts += torch.tensor([present[torch.arange(len(images)), logits.argmax(1)].sum(), len(images)])
         for index in range(len(images)):
             boxes, box_labels = batch["boxes"][index], batch["box_labels"][index]
             difficult = batch["difficult"][index]
+            item = int(batch["index"][index])
+            annotation = dataset.annotations[item]
+            original_boxes = torch.tensor(annotation["boxes"], dtype=torch.float64)
+            original_labels = torch.tensor(annotation["labels"], dtype=torch.int64)
+            image_flags = flags.get(dataset.ids[item])
             for cls in torch.nonzero(present[index]).flatten().tolist():
                 of_class = box_labels == cls
                 if bool(difficult[of_class].all()):
                     continue  # TorchRay skips a query whose boxes are all difficult
+                original_map = upsample_maps(feature_maps[index, cls][None], tuple(annotation["size"])).numpy()
+                point = localize.peak_points(original_map)
+                pointing.update(point, [original_boxes], [cls], [original_labels])
+                if image_flags is not None and image_flags[cls]:
+                    pointing_difficult.update(point, [original_boxes], [cls], [original_labels])
                 class_map = maps[index, cls][None]
-                pointing.update(localize.peak_points(class_map), [boxes], [cls], [box_labels])
                 predicted, _ = localize.boxes_from_maps(class_map)
                 corloc.update(predicted, [boxes], [cls], [box_labels])
     if context.distributed:
         torch.distributed.all_reduce(counts)
     pointing.sync()
+    pointing_difficult.sync()
     corloc.sync()
+    difficult_result = pointing_difficult.compute().value if pointing_difficult.tally.samples else None
     return {
         "images": int(counts[1]),
         "top1_cls": float(counts[0] / counts[1]),
         "pointing_game": pointing.compute().value,
+        "pointing_game_difficult": difficult_result,
+        "difficult_subset": difficult_flags or "EBP rule (spn.data.voc.ebp_difficult_flags)",
         "corloc": corloc.compute().value,
         "max_box_acc_v2": None,
         "gt_known_loc": None,
