@@ -126,6 +126,12 @@ def _slug(variant: str) -> str:
     return variant.replace(":", "-").replace("+", "-").replace(",", "-").replace("=", "")
 
 
+def _with_iou_columns(record: dict[str, Any]) -> dict[str, Any]:
+    """``max_box_acc_v2_per_iou`` {"0.3": a, ...} as columns ``max_box_acc_v2@30``, ..."""
+    per_iou = record.get("max_box_acc_v2_per_iou") or {}
+    return {**record, **{f"max_box_acc_v2@{round(float(iou) * 100)}": value for iou, value in per_iou.items()}}
+
+
 def _image_size(data: str | None) -> int:
     """The digits benchmark's image size, from its manifest."""
     manifest = json.loads((Path(str(data)) / "manifest.json").read_text())
@@ -142,7 +148,11 @@ def _finished(run_dir: Path, epochs: int) -> bool:
 def summarize(records: Sequence[dict[str, Any]]) -> str:
     """A markdown table: one row per variant, ``mean +/- std`` over its seeds per column."""
     timings = ("seconds_per_epoch", "train_seconds")
-    columns = [key for key in (*HEADLINES, *timings) if any(r.get(key) is not None for r in records)]
+    records = [_with_iou_columns(record) for record in records]
+    ious = sorted({key for record in records for key in record if key.startswith("max_box_acc_v2@")})
+    order = [key for key in HEADLINES if key != "max_box_acc_v2"]
+    order[2:2] = [*ious, "max_box_acc_v2"]  # after top-1/top-5: box accuracy per IoU, then their mean
+    columns = [key for key in (*order, *timings) if any(r.get(key) is not None for r in records)]
     lines = [
         "| variant | seeds | " + " | ".join(columns) + " |",
         "| --- | --- | " + " | ".join("---" for _ in columns) + " |",
