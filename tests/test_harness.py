@@ -177,10 +177,21 @@ def test_compare_tabulates_mean_and_spread_and_keeps_finished_runs(digits, tmp_p
     spread = abs(values[0] - values[1]) / 2**0.5  # the sample standard deviation of two values
     assert f"{mean:.1f} ± {spread:.1f}" in row
     checkpoint = out / "runs" / "small_sp-seed0" / "checkpoint.pt"
-    before = checkpoint.stat().st_mtime_ns
-    assert spn_main(args) == 0  # re-run: evaluates again, trains nothing
-    assert checkpoint.stat().st_mtime_ns == before
+    evaluation = out / "runs" / "small_sp-seed0" / "evaluation.json"
+    before, evaluated = checkpoint.stat().st_mtime_ns, evaluation.stat().st_mtime_ns
+    capsys.readouterr()
+    assert spn_main(args) == 0  # re-run: trains nothing, evaluates nothing, same table
+    printed = capsys.readouterr().out
+    assert "training" not in printed and "evaluating" not in printed
+    assert checkpoint.stat().st_mtime_ns == before and evaluation.stat().st_mtime_ns == evaluated
+    assert json.loads((out / "results.json").read_text()) == records
     assert (out / "pictures" / "small_cam" / "test.png").exists()
+    (out / "pictures" / "small_sp" / "test.png").unlink()  # a missing picture: that run is evaluated again
+    assert spn_main([*args[:-4], "--interval", "0.05", "--pointing-radius", "4"]) == 0
+    assert "small_sp, seed 0: evaluating" in capsys.readouterr().out
+    assert (out / "pictures" / "small_sp" / "test.png").exists()
+    assert spn_main([*args[:-4], "--interval", "0.1", "--pointing-radius", "4"]) == 0  # other settings: again
+    assert capsys.readouterr().out.count("evaluating") == 4
 
 
 def test_random_crops_do_not_depend_on_the_loader_workers(digits, tmp_path):

@@ -86,11 +86,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     load = os.getloadavg()[0]
                     run(config, resume=(run_dir / "checkpoint.pt").exists())
                     write_json(run_dir / "load.json", {"load_average_1min": [load, os.getloadavg()[0]]})
-                print(f"== {variant}, seed {seed}: evaluating", flush=True)
                 pictures = str(out / "pictures" / _slug(variant)) if seed == args.seeds[0] else None
-                result = evaluate_run(
-                    run_dir, split="test", pictures=pictures, interval=args.interval, pointing_radius=radius
-                )
+                settings = {"split": "test", "interval": args.interval, "pointing_radius": radius}
+                result = _cached_evaluation(run_dir, settings, pictures)
+                if result is None:
+                    print(f"== {variant}, seed {seed}: evaluating", flush=True)
+                    result = evaluate_run(run_dir, pictures=pictures, **settings)
+                    write_json(run_dir / "evaluation.json", {"settings": settings, "result": result})
                 epochs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
                 result["seconds_per_epoch"] = statistics.median(line["seconds"] for line in epochs)
                 result["train_seconds"] = sum(line["seconds"] for line in epochs)
@@ -124,6 +126,18 @@ def parse_variant(variant: str) -> tuple[str, str, str, dict[str, Any]]:
 def _slug(variant: str) -> str:
     """A directory name for a variant: ``small_cam+acol,delta=0.7`` -> ``small_cam-acol-delta0.7``."""
     return variant.replace(":", "-").replace("+", "-").replace(",", "-").replace("=", "")
+
+
+def _cached_evaluation(run_dir: Path, settings: dict[str, Any], pictures: str | None) -> dict[str, Any] | None:
+    """The run's earlier evaluation with the same settings, if it is newer than the checkpoint
+    (and the picture grid asked for exists); None: evaluate again."""
+    cache, checkpoint = run_dir / "evaluation.json", run_dir / "checkpoint.pt"
+    if not cache.is_file() or cache.stat().st_mtime < checkpoint.stat().st_mtime:
+        return None
+    if pictures is not None and not (Path(pictures) / "test.png").is_file():
+        return None
+    saved = json.loads(cache.read_text())
+    return dict(saved["result"]) if saved.get("settings") == settings else None
 
 
 def _with_iou_columns(record: dict[str, Any]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ def write_grid(
     count: int = 16,
     columns: int = 4,
 ) -> Path:
-    """Write a ``count``-image grid (first images of ``dataset``) to ``path`` (PNG, atomic)."""
+    """Write a ``count``-image grid (first images of ``dataset``) to ``path`` (PNG, atomic);
+    images under 96 px are enlarged by an integer factor (nearest pixel) to stay legible."""
     from spn import viz
 
     tiles = []
@@ -47,6 +48,8 @@ def write_grid(
                                            gt_boxes=item["boxes"].numpy()))
     if not tiles:
         raise ValueError("no image to draw")
+    factor = max(1, 192 // max(tiles[0].shape[:2]))  # small images (digits: 64 px) enlarged, nearest pixel
+    tiles = [tile.repeat(factor, 0).repeat(factor, 1) for tile in tiles]
     height, width, _ = tiles[0].shape
     rows = -(-len(tiles) // columns)
     grid = np.full((rows * (height + 2), columns * (width + 2), 3), 255, dtype=np.uint8)
