@@ -315,9 +315,9 @@ class AdversarialErasing(Method):
             )
         elif _rank() == 0:
             save_checkpoint(marker, {"epoch": 0, "ae_step": 0, "config": json_config(config)})
-        for step in range(1, self.options["steps"] + 1):  # the erased images were mined after --epochs epochs
+        for step in range(1, self.options["steps"]):  # step k + 1's images were mined after step k's epochs
             path = out / f"step{step}" / "checkpoint.pt"
-            if resume and path.exists():
+            if resume and path.exists() and _erased_dir(out, step + 1).is_dir():
                 saved = json.loads(load_checkpoint(path).get("config", "{}")).get("epochs")
                 if saved is not None and int(saved) != int(config.epochs):
                     raise ConfigError(
