@@ -67,7 +67,7 @@ def ref_self_correlation(feats: torch.Tensor, fo: float, so: float, order: int) 
         s = [[max(0.0, sum(a * c for a, c in zip(vecs[i], vecs[j], strict=True))) for j in range(n)] for i in range(n)]
         s = [[x if x >= fo else 0.0 for x in row] for row in s]
 
-        def colnorm(m, eps):
+        def colnorm(m, eps, n=n):
             sums = [sum(m[i][j] for i in range(n)) for j in range(n)]
             return [[m[i][j] / (sums[j] + eps) for j in range(n)] for i in range(n)]
 
@@ -237,7 +237,7 @@ def test_head_maps_are_self_correlation_maps_of_the_pooled_levels():
     shallow = torch.randn(2, 5, 10, 10, dtype=torch.float64)
     deep = torch.randn(2, 4, 5, 5, dtype=torch.float64)
     labels = torch.tensor([1, 2])
-    logits, maps, proposal = head.forward_with_maps([shallow, deep], classes=labels)
+    _, maps, proposal = head.forward_with_maps([shallow, deep], classes=labels)
     assert proposal is None and maps.shape == (2, 5, 5)
     pooled = torch.zeros(2, 5, 5, 5, dtype=torch.float64)  # 2x2 max pooling by hand
     for b, c, i, j in itertools.product(range(2), range(5), range(5), range(5)):
