@@ -271,8 +271,8 @@ class DANetHead(WSOLHead):
     """DANet's head: a `DivergentLevel` per hierarchy level on the feature levels.
 
     Level l of the hierarchy (coarsest first) reads feature level l (shallowest first); a
-    feature level larger than the last one is max-pooled 2x2 first (the authors take conv3
-    and conv4 after their pooling: 28, 14, 14 at 224 px). The hierarchy is a buffer
+    feature level larger than the last one is max-pooled 2x2 first (stride 2, ceil mode; the
+    authors take conv3 and conv4 after their pooling: 28, 14, 14 at 224 px). The hierarchy is a buffer
     (checkpointed with the weights).
 
     Args:
@@ -348,7 +348,7 @@ class DANetHead(WSOLHead):
         outputs = []
         for level, head in zip(levels, self.levels, strict=True):
             if level.shape[-2] > last[0] or level.shape[-1] > last[1]:
-                level = F.max_pool2d(level, 2)
+                level = F.max_pool2d(level, 2, ceil_mode=True)
             outputs.append(head(level))
         return outputs
 
