@@ -297,3 +297,38 @@ def test_killed_in_step_two_resumes_to_the_same_weights(ae_run, digits, tmp_path
             torch.testing.assert_close(resumed[key], value, msg=f"{step} {key}")
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [(line["step"], line["epoch"]) for line in lines] == [(1, 1), (1, 2), (2, 1), (2, 2)]
+
+
+def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
+    """Step 3's images: step 2's images (already erased by step 1) with step 2's region erased too."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ae_run, out)
+    config = dataclasses.replace(RunConfig.load(out), out=str(out), method_options={"steps": 3, "fraction": 0.25})
+    method = config.training_method()
+    method._write_erased(config, 3)
+    step2_manifest = json.loads((out / "erased" / "step2" / "erasing.json").read_text())
+    step3_manifest = json.loads((out / "erased" / "step3" / "erasing.json").read_text())
+    assert step3_manifest["mean_pixel"] == step2_manifest["mean_pixel"]  # the training images' mean, once
+    fill = step2_manifest["fill"]
+    step2 = load_trained(method.step_config(config, 2)).eval()
+    images2 = build_dataset(method.step_config(config, 2), "train", train=False)
+    for index in (1, len(images2) - 2):
+        item = images2[index]
+        with torch.no_grad():
+            cam = step2.forward_with_maps(item["image"][None], classes=torch.tensor([item["label"]]), size=None)[1]
+        height, width = item["size"]
+        full = F.interpolate(cam[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
+        region = ref_top(full.tolist(), 0.25)
+        original = np.asarray(Image.open(digits / "images" / item["path"]).convert("RGB"))
+        before = np.asarray(Image.open(out / "erased" / "step2" / "images" / item["path"]).convert("RGB"))
+        after = np.asarray(Image.open(out / "erased" / "step3" / "images" / item["path"]).convert("RGB"))
+        erased_before = 0
+        for i in range(height):
+            for j in range(width):
+                was_erased = before[i, j].tolist() != original[i, j].tolist()
+                erased_before += was_erased
+                expected = fill if (region[i][j] or was_erased) else original[i, j].tolist()
+                assert after[i, j].tolist() == expected, (index, i, j)
+        assert erased_before > 0
