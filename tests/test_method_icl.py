@@ -126,6 +126,9 @@ def test_region_features_by_hand():
                 assert math.isclose(float(got[b, c]), mean, rel_tol=1e-5, abs_tol=1e-6), (b, name)
         assert bool(valid[b]) == (bool(regions["dropped"]) and bool(regions["bg"]))
     assert not valid[2]
+    # background_threshold 0: no background anywhere, so no image counts
+    *_, no_background = region_features(features, attention, drop_threshold=0.75, background_threshold=0.0)
+    assert not no_background.any()
 
 
 @pytest.mark.parametrize("anchor", ["dropped", "foreground"])
