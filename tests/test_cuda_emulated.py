@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from batched_reference import reference_grad, reference_map
@@ -34,6 +34,7 @@ from cuda_emulator import ENV_SEED, Emulator, compiler, launch_seed, library, se
 from cuda_plain_float32 import plain_float32_soft_proposal
 from spn.cuda import function
 from spn.functional import torch_soft_proposal
+from strategies import feature_maps
 
 pytestmark = [
     pytest.mark.skipif(compiler() is None, reason="the CUDA emulator needs a C++ compiler (g++)"),
@@ -42,6 +43,7 @@ pytestmark = [
 
 TIGHT = 1e-12
 ROOT = Path(__file__).resolve().parents[1]
+INTEGER_MAP = np.array([[[3.0, -1.0, 0.0], [2.0, 2.0, -4.0]], [[1.0, 0.0, 5.0], [1.0, 1.0, -2.0]]])
 ENV_TRACE = "SPN_EMULATOR_TRACE"  # a file: each test's launches are appended to it as a JSON line
 
 
@@ -299,13 +301,15 @@ def _launched(emulator, fn):
 def test_launch_plan_stationary_and_walk(emulator):
     torch.manual_seed(12)
     u = torch.randn(2, 3, 4, 4, dtype=torch.float64)
-    assert _launched(emulator, lambda: run(emulator, u, 1.0)) == ["sp_degree_f64", "sp_normalize_f64", "sp_couple_f64"]
+    stationary = ["sp_unit_scale_f64", "sp_degree_f64", "sp_normalize_f64", "sp_couple_f64"]
+    assert _launched(emulator, lambda: run(emulator, u, 1.0)) == stationary
     walk = _launched(emulator, lambda: run(emulator, u.float(), 1.0, 3, 1e-4))
     steps = ["sp_walk_matvec", "sp_walk_update"] * 3
-    assert walk == ["sp_weights_f32", "sp_normalize_columns", *steps, "sp_couple_f32"]
+    assert walk == ["sp_unit_scale_f32", "sp_weights_f32", "sp_normalize_columns", *steps, "sp_couple_f32"]
     exact = lambda x: run(emulator, x, 1.0, None, 0.0, False)  # noqa: E731
     backward = _launched(emulator, lambda: grad_of(exact, u, torch.ones_like(u)))
-    assert backward[3:] == ["sp_grad_m_f64", "sp_stationary_grad_deg", "sp_distance_vjp_f64", "sp_grad_finish_f64"]
+    assert backward[4:] == ["sp_grad_m_f64", "sp_stationary_grad_deg", "sp_distance_vjp_f64", "sp_grad_finish_f64"]
+    assert _launched(emulator, lambda: run(emulator, u, 1.0, 0)) == ["sp_couple_f64"]  # M uniform: no distances
 
 
 def test_grid_stride_loops_cover_every_image(emulator, monkeypatch):
@@ -424,3 +428,233 @@ def test_a_test_sees_the_same_thread_orders_alone_and_after_others(tmp_path):
     assert together[0]["launches"]  # the other test launched kernels first
     assert together[1] == alone[0]
     assert len(alone[0]["launches"]) > 10
+
+
+# -- every scale: each image is scaled by an exact power of two near its largest |u| ------------
+#
+# M does not depend on the scale of U and V = U M(U) is homogeneous of degree 1, so neither does
+# the exact gradient for a given dE/dV. The expected values are the float64 reference on the
+# unscaled map (or on the float64 values of the input, which it evaluates without overflow).
+
+NORMAL_EXPONENTS = {torch.float64: (-1022, 1024), torch.float32: (-126, 128)}  # 2^e normal for lo <= e < hi
+
+
+def power_of_two_range(values: np.ndarray, dtype) -> tuple[int, int]:
+    """The k for which values * 2^k keeps every nonzero entry normal (so exact and finite) in dtype."""
+    lo, hi = NORMAL_EXPONENTS[dtype]
+    nonzero = np.abs(values[values != 0])
+    if nonzero.size == 0:
+        return lo - 60, hi + 60
+    return lo - int(np.floor(np.log2(nonzero.min()))), hi - 1 - int(np.floor(np.log2(nonzero.max())))
+
+
+def times_power_of_two(values: np.ndarray, k: int, dtype) -> torch.Tensor:
+    """values * 2^k in dtype, exactly (two factors, each a normal number)."""
+    half = k // 2
+    return torch.from_numpy(values).to(dtype) * 2.0**half * 2.0 ** (k - half)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+@pytest.mark.parametrize(
+    ("dtype", "scale"),
+    [(torch.float32, s) for s in (1e20, 1e30, 3e37, 1e-30, 1e-38)] + [(torch.bfloat16, s) for s in (1e30, 1e-30)],
+)
+def test_issue_scales_low_precision(emulator, dtype, scale, iterations):
+    """The issue: float32 features at 1e20 gave NaN and at 1e-30 a uniform map; bfloat16 NaN at 1e30."""
+    rng = np.random.default_rng(1)
+    x = (torch.from_numpy(rng.standard_normal((2, 3, 5, 6))) * scale).to(dtype)
+    eps = 1.3
+    proposal = run(emulator, x, eps, iterations)[1]
+    expected, _ = reference_map(x.double(), eps, iterations)  # float64 squares do not overflow here
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    np.testing.assert_allclose(proposal.reshape(2, -1).double().numpy(), expected, rtol=rtol, atol=0)
+    if dtype == torch.float32:
+        g = torch.from_numpy(rng.standard_normal(x.shape)).float()
+        grad = grad_of(lambda y: run(emulator, y, eps, iterations, 0.0, False), x, g)
+        ref = reference_grad(x.double(), g, eps, iterations, 0.0, False)
+        assert np.abs(grad.double().numpy() - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    features=feature_maps(max_channels=4, max_side=4),
+    fraction=st.floats(0.0, 1.0),
+    eps=st.sampled_from([0.3, 1.0, 1.7]),
+    iterations=st.one_of(st.none(), st.integers(0, 3)),
+    seed=st.integers(0, 2**16),
+)
+@example(features=INTEGER_MAP, fraction=0.0, eps=1.0, iterations=None, seed=0)  # entries down to 2^-1022
+@example(features=INTEGER_MAP, fraction=1.0, eps=1.0, iterations=None, seed=0)  # the largest just below 2^1024
+@example(features=INTEGER_MAP, fraction=1.0, eps=1.0, iterations=3, seed=0)
+@example(features=np.full((2, 3, 3), 0.7), fraction=1.0, eps=1.0, iterations=None, seed=0)
+def test_float64_map_and_gradient_do_not_depend_on_the_scale(features, fraction, eps, iterations, seed):
+    emulator = Emulator(seed)
+    lo, hi = power_of_two_range(features, torch.float64)
+    k = round(lo + fraction * (hi - lo))
+    x = times_power_of_two(features, k, torch.float64)[None]
+    assert torch.isfinite(x).all()
+    expected, _ = reference_map(torch.from_numpy(features)[None], eps, iterations)
+    proposal = run(emulator, x, eps, iterations)[1]
+    np.testing.assert_allclose(proposal.reshape(1, -1).numpy(), expected, rtol=1e-10, atol=1e-12)
+    g = torch.from_numpy(np.random.default_rng(seed).standard_normal(x.shape))
+    grad = grad_of(lambda y: run(emulator, y, eps, iterations, 0.0, False), x, g)
+    ref = reference_grad(torch.from_numpy(features)[None], g, eps, iterations, 0.0, False)
+    np.testing.assert_allclose(grad.numpy(), ref, rtol=1e-8, atol=1e-10 * max(1.0, np.abs(ref).max()))
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    features=feature_maps(max_channels=4, max_side=4),
+    fraction=st.floats(0.0, 1.0),
+    iterations=st.one_of(st.none(), st.integers(1, 3)),
+    seed=st.integers(0, 2**16),
+)
+@example(features=INTEGER_MAP, fraction=0.0, iterations=None, seed=0)
+@example(features=INTEGER_MAP, fraction=1.0, iterations=None, seed=0)
+@example(features=INTEGER_MAP, fraction=1.0, iterations=2, seed=0)
+def test_float32_map_and_gradient_do_not_depend_on_the_scale(features, fraction, iterations, seed):
+    """Within twice a plain float32 evaluation's error at a moderate scale (plus 1e-6 of the peak)."""
+    emulator = Emulator(seed)
+    moderate = torch.from_numpy(features).float()[None]  # the float32 values, exactly
+    lo, hi = power_of_two_range(moderate.double().numpy(), torch.float32)
+    k = round(lo + fraction * (hi - lo))
+    x = times_power_of_two(moderate[0].double().numpy(), k, torch.float32)[None]
+    assert torch.isfinite(x).all()
+    eps = 1.0
+    expected, _ = reference_map(moderate, eps, iterations)
+    plain = plain_float32_soft_proposal(moderate, eps, iterations)[1].reshape(1, -1).double().numpy()
+    mine = run(emulator, x, eps, iterations)[1].reshape(1, -1).double().numpy()
+    peak = expected.max()
+    error, plain_error = np.abs(mine - expected).max() / peak, np.abs(plain - expected).max() / peak
+    assert error <= 2 * plain_error + 1e-6, (error, plain_error, k)
+    g = torch.from_numpy(np.random.default_rng(seed).standard_normal(x.shape)).float()
+    ref = reference_grad(moderate, g, eps, iterations, 0.0, False)
+    grad = grad_of(lambda y: run(emulator, y, eps, iterations, 0.0, False), x, g).double().numpy()
+    plain = grad_of(lambda y: plain_float32_soft_proposal(y, eps, iterations), moderate, g).double().numpy()
+    scale = max(np.abs(ref).max(), 1e-30)
+    error, plain_error = np.abs(grad - ref).max() / scale, np.abs(plain - ref).max() / scale
+    assert error <= 2 * plain_error + 1e-6, (error, plain_error, k)
+
+
+# -- double backward and torch.func -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_gradgradcheck(emulator, iterations):
+    torch.manual_seed(13)
+    u = torch.randn(1, 2, 2, 3, dtype=torch.float64, requires_grad=True)
+    fn = lambda x: run(emulator, x, 1.3, iterations, 0.0, False)[:2]  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (u,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("iterations", "tolerance"), [(None, 0.0), (4, 0.0), (10, 1e-3)])
+@pytest.mark.parametrize("scale", [1.0, 2.0**-700])
+def test_double_backward_is_not_dropped(emulator, iterations, tolerance, scale):
+    """A gradient penalty: d/du <dE/du, w> = H w, against central differences of the reference VJP.
+    dE/dV does not depend on u here, so a backward pass that ignores create_graph loses H w silently.
+    At 2^-700 U, dE/dU is the same and H w is 2^700 times larger (dE/dU is homogeneous of degree 0)."""
+    torch.manual_seed(14)
+    u = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    g, w = torch.randn_like(u), torch.randn_like(u)
+    if tolerance > 0:  # the walk's freezing rule is in play: the images stop after 6 and 5 of the 10 steps
+        assert reference_map(u, 1.2, iterations, tolerance)[1].all()
+    x = (u * scale).requires_grad_(True)
+    coupled = run(emulator, x, 1.2, iterations, tolerance, False)[0]
+    (first,) = torch.autograd.grad((coupled * g).sum(), x, create_graph=True)
+    expected = reference_grad(u, g, 1.2, iterations, tolerance, False)
+    np.testing.assert_allclose(first.detach().numpy(), expected, rtol=0, atol=1e-11)
+    assert first.requires_grad
+    (second,) = torch.autograd.grad((first * w).sum(), x)
+    h = 1e-5
+    plus = reference_grad(u + h * w, g, 1.2, iterations, tolerance, False)
+    minus = reference_grad(u - h * w, g, 1.2, iterations, tolerance, False)
+    np.testing.assert_allclose(second.numpy() * scale, (plus - minus) / (2 * h), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("iterations", [None, 3])
+def test_create_graph_gives_the_first_order_gradient(emulator, iterations):
+    """With a loss on M as well as on V, the differentiable gradient (create_graph=True) equals the
+    kernels' (checked against the reference and the torch path above)."""
+    torch.manual_seed(17)
+    u = torch.randn(2, 3, 3, 4, dtype=torch.float64)
+    g, q = torch.randn_like(u), torch.randn(2, 3, 4, dtype=torch.float64)
+    grads = []
+    for create_graph in (False, True):
+        x = u.clone().requires_grad_(True)
+        coupled, proposal, _ = run(emulator, x, 1.2, iterations, 0.0, False)
+        (grad,) = torch.autograd.grad((coupled * g).sum() + (proposal * q).sum(), x, create_graph=create_graph)
+        grads.append(grad.detach())
+    torch.testing.assert_close(grads[1], grads[0], rtol=0, atol=1e-12)
+
+
+def test_double_backward_of_the_detached_gradient(emulator):
+    """detach=True: dE/dU = G M with M a constant, so d<dE/dU, w>/dG = w M."""
+    torch.manual_seed(15)
+    u = torch.randn(2, 3, 3, 4, dtype=torch.float64, requires_grad=True)
+    g = torch.randn_like(u).requires_grad_(True)
+    w = torch.randn_like(u)
+    coupled = run(emulator, u, 1.2, None, 0.0, True)[0]
+    (first,) = torch.autograd.grad(coupled, u, g, create_graph=True)
+    (second,) = torch.autograd.grad((first * w).sum(), g)
+    expected, _ = reference_map(u, 1.2)
+    np.testing.assert_allclose(second.numpy(), w.numpy() * expected.reshape(2, 1, 3, 4), rtol=0, atol=1e-15)
+
+
+@pytest.mark.parametrize("iterations", [None, 2])
+def test_torch_func_transforms_and_forward_mode(emulator, iterations):
+    """vmap, grad, jacrev, jacfwd and forward-mode AD give the reference's values: the map, the VJP,
+    and tangents t with <J t, g> = <t, J^T g>."""
+    torch.manual_seed(16)
+    u = torch.randn(2, 1, 2, 2, 3, dtype=torch.float64)  # a vmapped dim in front
+    g, t = torch.randn_like(u[0]), torch.randn_like(u[0])
+    eps = 1.1
+    maps = torch.func.vmap(lambda x: run(emulator, x, eps, iterations)[1])(u)
+    for i in range(2):
+        np.testing.assert_allclose(maps[i].reshape(1, -1).numpy(), reference_map(u[i], eps, iterations)[0], atol=1e-12)
+    x = u[0]
+    vjp = reference_grad(x, g, eps, iterations, 0.0, False)
+    energy = lambda y: (run(emulator, y, eps, iterations, 0.0, False)[0] * g).sum()  # noqa: E731
+    np.testing.assert_allclose(torch.func.grad(energy)(x).numpy(), vjp, atol=1e-11)
+    coupled = lambda y: run(emulator, y, eps, iterations, 0.0, False)[0]  # noqa: E731
+    for jacobian in (torch.func.jacrev(coupled)(x), torch.func.jacfwd(coupled)(x)):
+        np.testing.assert_allclose((jacobian * g[..., None, None, None, None]).sum((0, 1, 2, 3)).numpy(), vjp,
+                                   atol=1e-11)
+    with torch.autograd.forward_ad.dual_level():
+        dual = torch.autograd.forward_ad.make_dual(x, t)
+        tangent = torch.autograd.forward_ad.unpack_dual(coupled(dual)).tangent
+    np.testing.assert_allclose((tangent * g).sum().item(), (t.numpy() * vjp).sum(), rtol=1e-9)
+
+
+def test_unit_scale_kernel(emulator):
+    """scale[b] = 2^-e for max |u| = f 2^e (f in [1/2, 1)), e clamped to T's normal powers of two;
+    1 for an all-zero image or one with an infinite entry; NaN entries passed over."""
+    import math
+
+    def expected(image, smallest, largest):
+        peak = 0.0
+        for value in image.reshape(-1).tolist():
+            if abs(value) > peak:  # False for NaN
+                peak = abs(value)
+        if peak == 0.0 or math.isinf(peak):
+            return 1.0
+        e = min(max(math.frexp(peak)[1], -largest), -smallest)
+        return 2.0**-e
+
+    f32 = torch.tensor([[1.0, -3.0], [0.5, 0.0]]).expand(9, 2, 2).clone()
+    f32[1] *= 2.0**-140  # subnormal peak: clamped to 2^126
+    f32[2] *= 2.0**100
+    f32[3] = 0.0
+    f32[4, 0, 0] = float("inf")
+    f32[5, 1, 1] = float("nan")
+    f32[6] = torch.tensor([[-0.5, 0.25], [0.0, 0.0]])  # peak exactly 1/2: scale 1
+    f32[7] = torch.tensor([[2.0**-149, 0.0], [0.0, 0.0]])
+    f32[8] *= 2.0**120
+    f64 = f32.double()
+    f64[1] = torch.tensor([[1.7e308, 1.0], [0.0, -1.0]], dtype=torch.float64)  # clamped to 2^-1022
+    f64[7] = torch.tensor([[2.0**-1074, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    launch = emulator.make_launcher()
+    for u, (smallest, largest), suffix in ((f32, (-126, 127), "f32"), (f64, (-1022, 1023), "f64")):
+        scale = torch.zeros(9, dtype=torch.float64)
+        launch(f"sp_unit_scale_{suffix}", (2, 1, 1), (256, 1, 1), u, scale, np.int32(9), np.int64(4))
+        want = [expected(image.double().numpy(), smallest, largest) for image in u]
+        assert scale.tolist() == want, (suffix, scale.tolist(), want)

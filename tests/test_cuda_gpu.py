@@ -140,6 +140,30 @@ def test_gradcheck_exact_gradient(iterations):
 
 @gpu
 @pytest.mark.parametrize("iterations", [None, 4])
+def test_gradgradcheck_exact_gradient(iterations):
+    torch.manual_seed(1)
+    u = torch.randn(1, 2, 2, 3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    fn = lambda x: cupy_run(x, 1.3, iterations, 0.0, False)[:2]  # noqa: E731
+    assert torch.autograd.gradgradcheck(fn, (u,), eps=1e-6, atol=1e-6, rtol=1e-5)
+
+
+@gpu
+@pytest.mark.parametrize("iterations", [None, 4])
+@pytest.mark.parametrize(
+    ("dtype", "scale"), [(torch.float32, s) for s in (1e20, 3e37, 1e-30, 1e-38)] + [(torch.bfloat16, 1e30)]
+)
+def test_any_scale_of_low_precision_features(dtype, scale, iterations):
+    """Float32 squares neither overflow nor underflow: each image is scaled by a power of two first."""
+    rng = np.random.default_rng(1)
+    x = (torch.from_numpy(rng.standard_normal((2, 20, 9, 9))) * scale).to(dtype).to(DEVICE)
+    proposal = cupy_run(x, 1.3, iterations)[1]
+    expected, _ = reference_map(x.double(), 1.3, iterations)
+    rtol = 1e-5 if dtype == torch.float32 else 2.0**-7
+    np.testing.assert_allclose(as_numpy(proposal).reshape(2, -1), expected, rtol=rtol, atol=0)
+
+
+@gpu
+@pytest.mark.parametrize("iterations", [None, 4])
 def test_detached_gradient_is_g_times_m(iterations):
     torch.manual_seed(2)
     u = torch.randn(2, 5, 6, 7, dtype=torch.float64, device=DEVICE)

@@ -54,12 +54,14 @@ TYPED = {
     "walk.cu": ("sp_weights",),
     "backward.cu": ("sp_grad_m", "sp_distance_vjp", "sp_distance_vjp_pairs", "sp_grad_finish"),
     "couple.cu": ("sp_couple",),
+    "scale.cu": ("sp_unit_scale",),
 }
 UNTYPED = {
     "stationary.cu": (),
     "walk.cu": ("sp_normalize_columns", "sp_walk_matvec", "sp_walk_update"),
     "backward.cu": ("sp_stationary_grad_deg",),
     "couple.cu": (),
+    "scale.cu": (),
 }
 SOURCES = tuple(TYPED)
 SUFFIXES = {torch.float32: "_f32", torch.float64: "_f64"}

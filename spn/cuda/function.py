@@ -33,11 +33,18 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-from torch.autograd.function import once_differentiable
 
 from . import compile as _compile
 
-__all__ = ["CupyLauncher", "Launcher", "SoftProposalFunction", "check_sizes", "inverse_width", "soft_proposal"]
+__all__ = [
+    "CupyLauncher",
+    "Launcher",
+    "SoftProposalFunction",
+    "check_sizes",
+    "inverse_width",
+    "soft_proposal",
+    "under_transforms",
+]
 
 # The hardware's limit of gridDim.y and gridDim.z: images per grid dimension (the kernels
 # loop over the images beyond it), and tiles per side of the k-step mode's n x n grid.
@@ -137,8 +144,25 @@ class CupyLauncher:
 # forward
 
 
-def _degrees(launch: Launcher, u: torch.Tensor, inv_width: float) -> torch.Tensor:
-    """deg (B, n) double from contiguous (B, K, H, W) u."""
+def _unit_scale(launch: Launcher, u: torch.Tensor) -> torch.Tensor:
+    """scale (B,) double: per image, the exact power of two that brings max |u| into [1/2, 1)
+    (sp_unit_scale); the distance kernels see s u. 1 for every image when K == 0."""
+    c = _compile.constants()
+    batch, channels, height, width = u.shape
+    if channels == 0:
+        return torch.ones(batch, dtype=torch.float64, device=u.device)
+    scale = torch.empty(batch, dtype=torch.float64, device=u.device)
+    launch(
+        _compile.typed_name("sp_unit_scale", u.dtype),
+        (min(batch, _MAX_GRID_X), 1, 1),
+        (c["SP_THREADS"], 1, 1),
+        u, scale, _i32(batch), np.int64(channels * height * width),
+    )
+    return scale
+
+
+def _degrees(launch: Launcher, u: torch.Tensor, scale: torch.Tensor, inv_width: float) -> torch.Tensor:
+    """deg (B, n) double of the scaled features s u, from contiguous (B, K, H, W) u."""
     c = _compile.constants()
     batch, channels, height, width = u.shape
     n = height * width
@@ -148,7 +172,7 @@ def _degrees(launch: Launcher, u: torch.Tensor, inv_width: float) -> torch.Tenso
             _compile.typed_name("sp_degree", u.dtype),
             (_tiles(n), min(batch, _GRID_YZ_LIMIT), 1),
             (c["SP_TX"], c["SP_TY"], 1),
-            u, deg, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
+            u, scale, deg, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
         )
     return deg
 
@@ -165,8 +189,10 @@ def _normalize(launch: Launcher, deg: torch.Tensor, m: torch.Tensor) -> None:
     )
 
 
-def _transfer(launch: Launcher, u: torch.Tensor, inv_width: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """D (B, n, n) double, columns normalised, and the column sums of D' (B, n) double."""
+def _transfer(
+    launch: Launcher, u: torch.Tensor, scale: torch.Tensor, inv_width: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """D (B, n, n) double, columns normalised, and the column sums of D' (B, n) double (of s u)."""
     c = _compile.constants()
     batch, channels, height, width = u.shape
     n = height * width
@@ -177,7 +203,7 @@ def _transfer(launch: Launcher, u: torch.Tensor, inv_width: float) -> tuple[torc
             _compile.typed_name("sp_weights", u.dtype),
             (tiles, tiles, min(batch, _GRID_YZ_LIMIT)),
             (c["SP_TX"], c["SP_TY"], 1),
-            u, transfer, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
+            u, scale, transfer, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
         )
     else:  # K == 0: every distance is 0
         transfer = torch.zeros((batch, n, n), dtype=torch.float64, device=u.device)
@@ -270,8 +296,10 @@ def _walk_pair_gradient(transfer, column_sums, states, steps, grad_m, iterations
     return grad_weights + grad_weights.transpose(1, 2)
 
 
-def _distance_vjp(launch: Launcher, u: torch.Tensor, coefficients: torch.Tensor, inv_width: float) -> torch.Tensor:
-    """acc (B, K, n) double, acc[:, a] = sum_c C_ac (u_a - u_c), C from g (B, n) or P (B, n, n)."""
+def _distance_vjp(
+    launch: Launcher, u: torch.Tensor, scale: torch.Tensor, coefficients: torch.Tensor, inv_width: float
+) -> torch.Tensor:
+    """acc (B, K, n) double, acc[:, a] = sum_c C_ac (s u_a - s u_c), C from g (B, n) or P (B, n, n)."""
     c = _compile.constants()
     batch, channels, height, width = u.shape
     n = height * width
@@ -281,13 +309,76 @@ def _distance_vjp(launch: Launcher, u: torch.Tensor, coefficients: torch.Tensor,
         _compile.typed_name(base, u.dtype),
         (_tiles(n), min(batch, _GRID_YZ_LIMIT), 1),
         (c["SP_TX"], c["SP_TY"], 1),
-        u, coefficients, acc, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
+        u, scale, coefficients, acc, _i32(batch), _i32(channels), _i32(n), _i32(width), np.float64(inv_width),
     )
     return acc
 
 
+def _dense_soft_proposal(x: torch.Tensor, epsilon: float, iterations, tolerance: float):
+    """(V, M) of (B, K, H, W) x by differentiable torch operations, at any order: the distances of
+    the scaled features s x (s as sp_unit_scale, a constant) by direct differences in float64,
+    densely ((B, K, n, n) elements), then the degrees or the walk with the kernels' freezing rule."""
+    from ..graph import DENSE_ELEMENTS, spatial_kernel, unit_scale
+
+    batch, channels, height, width = x.shape
+    n = height * width
+    if batch * channels * n * n > DENSE_ELEMENTS:
+        raise RuntimeError(
+            f"spn.soft_proposal: backend='cupy' computes a double backward (create_graph=True) densely, and "
+            f"(B, K, n^2) = ({batch}, {channels}, {n * n}) is {batch * channels * n * n} elements, over "
+            f"spn.graph.DENSE_ELEMENTS = {DENSE_ELEMENTS}. Use smaller inputs there; first-order reverse mode "
+            "(loss.backward(), torch.autograd.grad without create_graph) runs the kernels and needs no dense tensor"
+        )
+    vectors = x.reshape(batch, channels, n).double()
+    with torch.no_grad():
+        scale = unit_scale(x.detach().reshape(batch, channels, n)).double() if channels else vectors.new_ones(batch)
+    vectors = vectors * scale[:, None, None]
+    squared = (vectors[:, :, :, None] - vectors[:, :, None, :]).square().sum(1)
+    positive = squared > 0  # d = 0: every derivative 0, as the kernels
+    distances = torch.where(positive, torch.where(positive, squared, 1.0).sqrt(), 0.0)
+    weights = distances * spatial_kernel(height, width, epsilon, device=x.device, dtype=torch.float64)
+    if iterations is None:
+        deg = weights.sum(-1)
+        total = deg.sum(-1, keepdim=True)
+        m = torch.where(total == 0, 1.0 / n, deg / torch.where(total == 0, 1.0, total))
+    else:
+        sums = weights.sum(1, keepdim=True)
+        transfer = torch.where(sums == 0, 1.0 / n, weights / torch.where(sums == 0, 1.0, sums))
+        m = vectors.new_full((batch, n), 1.0 / n)
+        active = torch.ones(batch, dtype=torch.bool, device=x.device)
+        for _ in range(iterations):
+            raw = torch.bmm(transfer, m.unsqueeze(2)).squeeze(2)
+            new = raw / raw.sum(-1, keepdim=True)
+            change = (new - m).detach().norm(dim=-1)
+            m = torch.where(active[:, None], new, m)
+            if tolerance > 0:
+                active = active & ~(change < tolerance)
+    proposal = m.reshape(batch, height, width).to(x.dtype)
+    return x * proposal.unsqueeze(1), proposal
+
+
+def _composite_vjp(features, epsilon, iterations, tolerance, grad_coupled, grad_proposal) -> torch.Tensor:
+    """dE/dU as a differentiable function of U and of the incoming gradients (create_graph=True),
+    by autograd through `_dense_soft_proposal` (the kernels are not differentiable)."""
+    with torch.enable_grad():
+        x = features if features.requires_grad else features.detach().requires_grad_()
+        coupled, proposal = _dense_soft_proposal(x, epsilon, iterations, tolerance)
+        outputs, grads = [coupled], [grad_coupled]
+        if grad_proposal is not None:
+            outputs.append(proposal)
+            grads.append(grad_proposal)
+        (grad,) = torch.autograd.grad(outputs, x, grads, create_graph=True)
+    return grad
+
+
 class SoftProposalFunction(torch.autograd.Function):
-    """(U, ...) -> (V = U * M, M (B, H, W), converged (B,) bool) for float32 / float64 U."""
+    """(U, ...) -> (V = U * M, M (B, H, W), converged (B,) bool) for float32 / float64 U.
+
+    First-order backward passes run the kernels. With create_graph=True (double backward) the
+    gradient is made differentiable: G * M by a torch product when M is a constant (detach=True,
+    iterations=0), else autograd through a dense composite of torch operations recomputed from U
+    (`_dense_soft_proposal`).
+    """
 
     @staticmethod
     def forward(ctx, features, epsilon, iterations, tolerance, detach, make_launcher):
@@ -300,43 +391,53 @@ class SoftProposalFunction(torch.autograd.Function):
         through_m = bool(ctx.needs_input_grad[0]) and not detach and iterations != 0
         m = u.new_empty((batch, height, width))
         extras: tuple[torch.Tensor, ...] = ()
-        if iterations is None:
-            deg = _degrees(launch, u, inv)
-            _normalize(launch, deg, m)
-            converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
-            if through_m:
-                extras = (deg,)
-        elif iterations == 0:  # M stays at the uniform start, whatever the features
+        if iterations == 0:  # M stays at the uniform start, whatever the features
             m.fill_(1.0 / n)
             converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
         else:
-            transfer, column_sums = _transfer(launch, u, inv)
-            states, steps, active = _walk(launch, transfer, iterations, tolerance)
-            m.view(batch, n).copy_(states[:, iterations])
-            converged = active == 0 if tolerance > 0 else torch.zeros(batch, dtype=torch.bool, device=u.device)
-            if through_m:
-                extras = (transfer, column_sums, states, steps)
-            del transfer
+            scale = _unit_scale(launch, u)
+            if iterations is None:
+                deg = _degrees(launch, u, scale, inv)
+                _normalize(launch, deg, m)
+                converged = torch.zeros(batch, dtype=torch.bool, device=u.device)
+                if through_m:
+                    extras = (scale, deg)
+            else:
+                transfer, column_sums = _transfer(launch, u, scale, inv)
+                states, steps, active = _walk(launch, transfer, iterations, tolerance)
+                m.view(batch, n).copy_(states[:, iterations])
+                converged = active == 0 if tolerance > 0 else torch.zeros(batch, dtype=torch.bool, device=u.device)
+                if through_m:
+                    extras = (scale, transfer, column_sums, states, steps)
+                del transfer
         coupled = _couple(launch, u, m)
         ctx.mark_non_differentiable(converged)
         if detach or iterations == 0:
             ctx.mark_non_differentiable(m)
         ctx.through_m = through_m
         ctx.iterations = iterations
+        ctx.epsilon = epsilon
+        ctx.tolerance = tolerance
         ctx.inv_width = inv
         ctx.make_launcher = make_launcher
         if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(u if through_m else None, m, *extras)
+            # features itself (not a detached copy) for the composite of a double backward
+            ctx.save_for_backward(features if through_m else None, u if through_m else None, m, *extras)
         return coupled, m, converged
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_coupled, grad_proposal, _grad_converged):
         nothing = (None,) * 5
         if not ctx.needs_input_grad[0]:
             return (None, *nothing)
-        u, m, *extras = ctx.saved_tensors
+        features, u, m, *extras = ctx.saved_tensors
         dtype = m.dtype
+        if torch.is_grad_enabled():  # create_graph=True: a gradient that can be differentiated again
+            if not ctx.through_m:
+                return (grad_coupled.to(dtype) * m.unsqueeze(1), *nothing)
+            gp = None if grad_proposal is None else grad_proposal.to(dtype)
+            grad = _composite_vjp(features, ctx.epsilon, ctx.iterations, ctx.tolerance, grad_coupled.to(dtype), gp)
+            return (grad, *nothing)
         g = grad_coupled.to(dtype).contiguous()
         batch, channels, height, width = g.shape
         n = height * width
@@ -349,15 +450,16 @@ class SoftProposalFunction(torch.autograd.Function):
         if grad_proposal is None:
             grad_proposal = torch.zeros_like(m)
         gp = grad_proposal.to(dtype).contiguous()
-        grad_m = torch.empty((batch, n), dtype=torch.float64, device=g.device)
+        scale = extras[0]
+        grad_m = torch.empty((batch, n), dtype=torch.float64, device=g.device)  # s dE/dM (see backward.cu)
         launch(
             _compile.typed_name("sp_grad_m", dtype),
             (_blocks(batch * n, c["SP_THREADS"]), 1, 1),
             (c["SP_THREADS"], 1, 1),
-            g, u, gp, grad_m, _i32(batch), _i32(channels), _i32(n),
+            g, u, scale, gp, grad_m, _i32(batch), _i32(channels), _i32(n),
         )
         if ctx.iterations is None:
-            (deg,) = extras
+            (_, deg) = extras
             coefficients = torch.empty((batch, n), dtype=torch.float64, device=g.device)
             launch(
                 "sp_stationary_grad_deg",
@@ -366,10 +468,10 @@ class SoftProposalFunction(torch.autograd.Function):
                 deg, grad_m, coefficients, _i32(batch), _i32(n),
             )
         else:
-            transfer, column_sums, states, steps = extras
+            _, transfer, column_sums, states, steps = extras
             with torch.autocast(device_type=g.device.type, enabled=False):
                 coefficients = _walk_pair_gradient(transfer, column_sums, states, steps, grad_m, ctx.iterations)
-        acc = _distance_vjp(launch, u, coefficients, ctx.inv_width)
+        acc = _distance_vjp(launch, u, scale, coefficients, ctx.inv_width)
         del coefficients
         grad = torch.empty_like(g)
         launch(
@@ -381,10 +483,28 @@ class SoftProposalFunction(torch.autograd.Function):
         return (grad, *nothing)
 
 
+def under_transforms(features: torch.Tensor) -> bool:
+    """True under a torch.func transform (vmap, grad, jacrev, jacfwd, jvp, ...) or when `features`
+    carries a forward-mode tangent: the kernels' autograd Function cannot run there."""
+    if torch._C._are_functorch_transforms_active():
+        return True
+    from torch.autograd import forward_ad
+
+    return forward_ad._current_level >= 0 and forward_ad.unpack_dual(features).tangent is not None
+
+
 def soft_proposal(features: torch.Tensor, epsilon: float, iterations, tolerance: float, detach: bool,
                   make_launcher: Callable[[torch.device], Launcher]):
     """(coupled, proposal, converged or None) as spn.functional.torch_soft_proposal, through
-    `SoftProposalFunction` with the given launcher. float16 and bfloat16 are computed in float32."""
+    `SoftProposalFunction` with the given launcher. float16 and bfloat16 are computed in float32.
+
+    Under torch.func transforms (vmap, grad, jacrev, jacfwd, jvp) and forward-mode AD, which the
+    kernels' autograd Function does not support, the torch path computes the results (vmap by its
+    operators' batching rules; the others by its dense composite, see spn/graph.py)."""
+    if under_transforms(features):
+        from ..functional import torch_soft_proposal
+
+        return torch_soft_proposal(features, epsilon, iterations, tolerance, detach)
     batch, _, height, width = features.shape
     if batch == 0:
         proposal = features.new_empty((0, height, width))

@@ -5,6 +5,11 @@
 // * features u are contiguous (B, K, n), n = H * W, location a = row * W + column;
 // * T is the input type (float or double); everything summed over locations, every
 //   distance, spatial weight, degree, transfer matrix and walk state is double;
+// * the distance kernels see each image multiplied by scale[b] (double, B), the exact power of
+//   two of sp_unit_scale (scale.cu) that brings its largest |u| into [1/2, 1): squares of
+//   differences can then neither overflow nor underflow in T for any finite input. M does not
+//   depend on the scale; the degrees, weights and column sums are those of the scaled features,
+//   and the backward kernels take dE/dM multiplied by the scale, which makes them return dE/dU;
 // * offsets into arrays of B*K*n or B*n*n elements are long long;
 // * images are covered by a grid-stride loop, so a grid dimension may be smaller than B;
 // * every __syncthreads() is reached by all threads of the block (loop bounds that contain
@@ -47,22 +52,24 @@ __device__ __forceinline__ double sp_spatial_weight(int a, int c, int width, dou
     return r2 <= 1.0 ? 1.0 : exp(-(r2 - 1.0) * inv_width);
 }
 
-// tile[kk][i] = u_img[k0 + kk][first + i], zero outside the K channels and n locations.
-// Called by all threads of a (SP_TX, SP_TY) block; consecutive threads read consecutive locations.
+// tile[kk][i] = u_img[k0 + kk][first + i] * scale, zero outside the K channels and n locations.
+// scale is a power of two, so the product is exact (bar entries below 2^-126 of the image's
+// largest, which become subnormal). Called by all threads of a (SP_TX, SP_TY) block;
+// consecutive threads read consecutive locations.
 template <typename T>
-__device__ __forceinline__ void sp_load_chunk(T (*tile)[SP_TILE], const T* __restrict__ u_img, int channels, int n,
-                                              int k0, int first) {
+__device__ __forceinline__ void sp_load_chunk(T (*tile)[SP_TILE], const T* __restrict__ u_img, T scale, int channels,
+                                              int n, int k0, int first) {
     const int tid = threadIdx.y * SP_TX + threadIdx.x;
     for (int e = tid; e < SP_CHUNK * SP_TILE; e += SP_TX * SP_TY) {
         const int kk = e / SP_TILE;
         const int i = e - kk * SP_TILE;
         const int k = k0 + kk;
         const int loc = first + i;
-        tile[kk][i] = (k < channels && loc < n) ? u_img[(long long)k * n + loc] : T(0);
+        tile[kk][i] = (k < channels && loc < n) ? u_img[(long long)k * n + loc] * scale : T(0);
     }
 }
 
-// Squared distances ||u_a - u_c||^2 by direct differences for the pairs of one tile that
+// Squared distances ||s u_a - s u_c||^2 (s = scale) by direct differences for the pairs of one tile that
 // this thread owns: a = a0 + threadIdx.y + SP_TY * i, c = c0 + threadIdx.x + SP_TX * j.
 // Each chunk of SP_CHUNK channels is summed in T, the chunks in double. A pair with a or c
 // outside the image gets a meaningless value (the tiles are zero-filled there): callers skip it.
@@ -70,7 +77,7 @@ __device__ __forceinline__ void sp_load_chunk(T (*tile)[SP_TILE], const T* __res
 // Uses ta, tc (shared) and synchronises the block; all threads must call it.
 template <typename T>
 __device__ __forceinline__ void sp_tile_squared_distances(double (&d2)[SP_REG][SP_REG], T (*ta)[SP_TILE],
-                                                          T (*tc)[SP_TILE], const T* __restrict__ u_img,
+                                                          T (*tc)[SP_TILE], const T* __restrict__ u_img, T scale,
                                                           int channels, int n, int a0, int c0) {
     const int tx = threadIdx.x;
     const int ty = threadIdx.y;
@@ -81,8 +88,8 @@ __device__ __forceinline__ void sp_tile_squared_distances(double (&d2)[SP_REG][S
     }
     for (int k0 = 0; k0 < channels; k0 += SP_CHUNK) {
         __syncthreads();  // everyone is done with the previous contents of ta, tc
-        sp_load_chunk(ta, u_img, channels, n, k0, a0);
-        sp_load_chunk(tc, u_img, channels, n, k0, c0);
+        sp_load_chunk(ta, u_img, scale, channels, n, k0, a0);
+        sp_load_chunk(tc, u_img, scale, channels, n, k0, c0);
         __syncthreads();
         T part[SP_REG][SP_REG];
 #pragma unroll
@@ -128,6 +135,21 @@ __device__ __forceinline__ double sp_block_sum(double v, double* red) {
     const double total = red[0];
     __syncthreads();  // red may be written again right after the return
     return total;
+}
+
+// The largest v over the SP_THREADS threads of a 1-D block, returned to every thread (v >= 0;
+// a NaN is passed over). red: SP_THREADS doubles of shared memory. All threads must call it.
+__device__ __forceinline__ double sp_block_max(double v, double* red) {
+    const int tid = threadIdx.x;
+    red[tid] = v;
+    __syncthreads();
+    for (int s = SP_THREADS / 2; s > 0; s >>= 1) {
+        if (tid < s && red[tid + s] > red[tid]) red[tid] = red[tid + s];
+        __syncthreads();
+    }
+    const double peak = red[0];
+    __syncthreads();  // red may be written again right after the return
+    return peak;
 }
 
 #endif  // SPN_COMMON_CUH

@@ -1,6 +1,7 @@
 // Soft Proposal, stationary mode, forward: M = deg / sum(deg) without any n x n matrix.
 //
-// sp_degree_{f32,f64}     deg[b, a] = sum_c ||u_a - u_c|| * L~_ac for every location a of image b,
+// sp_degree_{f32,f64}     deg[b, a] = sum_c ||s u_a - s u_c|| * L~_ac for every location a of image b,
+//                         s = scale[b] (sp_unit_scale: an exact power of two, see common.cuh),
 //                         the distances by direct differences, tile by tile (SP_TILE x SP_TILE
 //                         pairs, SP_CHUNK channels at a time in shared memory), the spatial
 //                         weight from the indices; the sum over c in double, in a fixed order.
@@ -14,8 +15,9 @@
 #include "common.cuh"
 
 template <typename T>
-__device__ __forceinline__ void sp_degree_body(const T* __restrict__ u, double* __restrict__ deg, int batch,
-                                               int channels, int n, int width, double inv_width) {
+__device__ __forceinline__ void sp_degree_body(const T* __restrict__ u, const double* __restrict__ scale,
+                                               double* __restrict__ deg, int batch, int channels, int n, int width,
+                                               double inv_width) {
     __shared__ T ta[SP_CHUNK][SP_TILE];
     __shared__ T tc[SP_CHUNK][SP_TILE];
     __shared__ double partial[SP_TY][SP_REG][SP_TX];
@@ -29,7 +31,7 @@ __device__ __forceinline__ void sp_degree_body(const T* __restrict__ u, double* 
         for (int i = 0; i < SP_REG; ++i) row[i] = 0.0;
         for (int c0 = 0; c0 < n; c0 += SP_TILE) {
             double d2[SP_REG][SP_REG];
-            sp_tile_squared_distances(d2, ta, tc, u_img, channels, n, a0, c0);
+            sp_tile_squared_distances(d2, ta, tc, u_img, (T)scale[img], channels, n, a0, c0);
 #pragma unroll
             for (int i = 0; i < SP_REG; ++i) {
                 const int a = a0 + ty + SP_TY * i;
@@ -71,15 +73,15 @@ __device__ __forceinline__ void sp_normalize_body(const double* __restrict__ deg
 }
 
 extern "C" __global__ void __launch_bounds__(SP_TX * SP_TY)
-sp_degree_f32(const float* __restrict__ u, double* __restrict__ deg, int batch, int channels, int n, int width,
-              double inv_width) {
-    sp_degree_body<float>(u, deg, batch, channels, n, width, inv_width);
+sp_degree_f32(const float* __restrict__ u, const double* __restrict__ scale, double* __restrict__ deg, int batch,
+              int channels, int n, int width, double inv_width) {
+    sp_degree_body<float>(u, scale, deg, batch, channels, n, width, inv_width);
 }
 
 extern "C" __global__ void __launch_bounds__(SP_TX * SP_TY)
-sp_degree_f64(const double* __restrict__ u, double* __restrict__ deg, int batch, int channels, int n, int width,
-              double inv_width) {
-    sp_degree_body<double>(u, deg, batch, channels, n, width, inv_width);
+sp_degree_f64(const double* __restrict__ u, const double* __restrict__ scale, double* __restrict__ deg, int batch,
+              int channels, int n, int width, double inv_width) {
+    sp_degree_body<double>(u, scale, deg, batch, channels, n, width, inv_width);
 }
 
 extern "C" __global__ void __launch_bounds__(SP_THREADS)

@@ -2,7 +2,8 @@
 // the walk M <- D M for the whole batch on the device, one launch pair per step, no host
 // synchronisation. D and M are double whatever the input type.
 //
-// sp_weights_{f32,f64}   w[b, a, c] = ||u_a - u_c|| * L~_ac (D' of the paper up to a constant),
+// sp_weights_{f32,f64}   w[b, a, c] = ||s u_a - s u_c|| * L~_ac (D' of the paper up to a constant),
+//                        s = scale[b] (sp_unit_scale: an exact power of two, see common.cuh),
 //                        direct differences tile by tile as in sp_degree; w is exactly symmetric.
 //                        grid (ceil(n / SP_TILE) for c, ceil(n / SP_TILE) for a, min(B, 65535)),
 //                        block (SP_TX, SP_TY).
@@ -26,8 +27,9 @@
 #include "common.cuh"
 
 template <typename T>
-__device__ __forceinline__ void sp_weights_body(const T* __restrict__ u, double* __restrict__ w, int batch,
-                                                int channels, int n, int width, double inv_width) {
+__device__ __forceinline__ void sp_weights_body(const T* __restrict__ u, const double* __restrict__ scale,
+                                                double* __restrict__ w, int batch, int channels, int n, int width,
+                                                double inv_width) {
     __shared__ T ta[SP_CHUNK][SP_TILE];
     __shared__ T tc[SP_CHUNK][SP_TILE];
     const int tx = threadIdx.x;
@@ -38,7 +40,7 @@ __device__ __forceinline__ void sp_weights_body(const T* __restrict__ u, double*
         const T* u_img = u + (long long)img * channels * n;
         double* w_img = w + (long long)img * n * n;
         double d2[SP_REG][SP_REG];
-        sp_tile_squared_distances(d2, ta, tc, u_img, channels, n, a0, c0);
+        sp_tile_squared_distances(d2, ta, tc, u_img, (T)scale[img], channels, n, a0, c0);
 #pragma unroll
         for (int i = 0; i < SP_REG; ++i) {
             const int a = a0 + ty + SP_TY * i;
@@ -52,15 +54,15 @@ __device__ __forceinline__ void sp_weights_body(const T* __restrict__ u, double*
 }
 
 extern "C" __global__ void __launch_bounds__(SP_TX * SP_TY)
-sp_weights_f32(const float* __restrict__ u, double* __restrict__ w, int batch, int channels, int n, int width,
-               double inv_width) {
-    sp_weights_body<float>(u, w, batch, channels, n, width, inv_width);
+sp_weights_f32(const float* __restrict__ u, const double* __restrict__ scale, double* __restrict__ w, int batch,
+               int channels, int n, int width, double inv_width) {
+    sp_weights_body<float>(u, scale, w, batch, channels, n, width, inv_width);
 }
 
 extern "C" __global__ void __launch_bounds__(SP_TX * SP_TY)
-sp_weights_f64(const double* __restrict__ u, double* __restrict__ w, int batch, int channels, int n, int width,
-               double inv_width) {
-    sp_weights_body<double>(u, w, batch, channels, n, width, inv_width);
+sp_weights_f64(const double* __restrict__ u, const double* __restrict__ scale, double* __restrict__ w, int batch,
+               int channels, int n, int width, double inv_width) {
+    sp_weights_body<double>(u, scale, w, batch, channels, n, width, inv_width);
 }
 
 extern "C" __global__ void sp_normalize_columns(double* __restrict__ w, double* __restrict__ colsum, int batch, int n) {
