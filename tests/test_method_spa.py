@@ -298,10 +298,11 @@ def test_bad_options_are_named(options, message):
 
 
 def test_build_keeps_the_head_conv_and_classifier_and_wraps_the_backbone():
-    network = small_sp(5, 8, widths=(4, 8, 8))
+    network = small_sp(5, 6, widths=(4, 8, 8))
     conv, classifier = network.head.conv, network.head.classifier
     built = SPA().build(network, None)
     assert isinstance(built.head, SPAHead) and built.head.conv is conv and built.head.classifier is classifier
+    assert (built.head.in_channels, built.head.num_classes) == (8, 5)  # the backbone's channels, the classes
     assert isinstance(built.backbone, FeatureLevels) and built.backbone.levels == 2
     logits, maps, _ = built.eval().forward_with_maps(torch.rand(2, 3, 32, 32), classes=torch.tensor([0, 4]))
     assert logits.shape == (2, 5) and maps.shape == (2, 32, 32) and torch.isfinite(maps).all()

@@ -335,7 +335,8 @@ class SPAHead(WSOLHead):
             raise TypeError(f"classifier must be an nn.Linear, got {type(classifier).__name__}")
         self.conv = conv
         self.classifier = classifier
-        self.in_channels = int(getattr(conv, "in_channels", classifier.in_features))
+        first_conv = next((module for module in conv.modules() if isinstance(module, nn.Conv2d)), None)
+        self.in_channels = first_conv.in_channels if first_conv is not None else classifier.in_features
         self.num_classes = classifier.out_features
         self.scg = bool(scg)
         self.fo_threshold = float(fo_threshold)
