@@ -134,7 +134,7 @@ def cosine_discrepancy(maps: torch.Tensor, per_pair: bool = True) -> torch.Tenso
 
     Args:
         maps: (B, M, h, w), M >= 2 (fewer: the loss is 0).
-        per_pair: absolute value per pair (the paper) or per image (the released code).
+        per_pair: absolute value per pair (default) or of each image's sum (the released code).
 
     Returns:
         The scalar loss.
@@ -426,7 +426,7 @@ class DANet(Method):
         "alpha": 0.01,  # --cos_alpha
         "level_weight": 0.5,  # the 0.5 of each level's CE in get_loss
         "sample_ratio": 1.5,  # int(num_maps * 3 / 2) maps in the cosine loss
-        "per_pair": True,  # |cos| per pair (the paper's equation); False: |sum| per image (the code)
+        "per_pair": True,  # |cos| per pair (the issue's statement); False: |sum| per image (the released code)
         "width": 0,  # channels of the levels' 3x3 convs; 0: the model's --num-maps (else its head's input)
         "convs": 2,  # 3x3 convs per level (fc6, fc7)
         "coarse_maps": "top",  # coarse levels' map: their top class (the authors) or "ancestor"
