@@ -528,8 +528,10 @@ def _distances_backward_impl(
 # ----------------------------------------------------------------------------- dense composite
 
 
-def _dense_distances(features: torch.Tensor) -> torch.Tensor:
-    """d_ab of the scaled features by direct differences, differentiable at any order: (B, n, n).
+def _dense_distances(features: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """d_ab of the features scaled by ``scales`` (B,) (default `unit_scale`), by direct
+    differences, differentiable at any order: (B, n, n). The double backward of the fast
+    operators passes their own scales (`_forward_scales`), so that the units agree.
 
     Where u_a = u_b the distance is 0 and so is every derivative (the minimum-norm subgradient).
     """
@@ -544,9 +546,10 @@ def _dense_distances(features: torch.Tensor) -> torch.Tensor:
             "torch.func.vmap, torch.compile or torch.export, which need no dense tensor"
         )
     vectors = features.reshape(batch, channels, height * width)
-    with torch.no_grad():
-        scale = unit_scale(vectors)
-    vectors = vectors * scale[:, None, None]
+    if scales is None:  # the composite's own forward (torch.func, forward-mode AD): its own units
+        with torch.no_grad():
+            scales = unit_scale(vectors)
+    vectors = vectors * scales[:, None, None]
     difference = vectors[:, :, :, None] - vectors[:, :, None, :]
     squared = difference.square().sum(1)
     positive = squared > 0
@@ -554,10 +557,25 @@ def _dense_distances(features: torch.Tensor) -> torch.Tensor:
     return torch.where(positive, safe.sqrt(), torch.zeros_like(squared))
 
 
-def _dense_degrees(features: torch.Tensor, epsilon: float) -> torch.Tensor:
+def _forward_scales(features: torch.Tensor) -> torch.Tensor:
+    """The power of two (B,) by which the fast operators scale each image (1 where they do not):
+    their outputs are in the units of the scaled features, and a composite that recomputes them
+    (double backward) must use the same units, or its gradient is off by that factor. The fast
+    path decides per chunk of images (`_batches`): scaled when some squared norm of the chunk is
+    outside the safe range."""
+    with torch.no_grad():
+        parts = []
+        for images in _batches(features):
+            scale = _Prepared(features[images].detach()).scale
+            count = images.stop - images.start
+            parts.append(features.new_ones(count) if scale is None else scale.reshape(count).to(features.dtype))
+        return torch.cat(parts)
+
+
+def _dense_degrees(features: torch.Tensor, epsilon: float, scales: torch.Tensor | None = None) -> torch.Tensor:
     _, _, height, width = features.shape
     kernel = spatial_kernel(height, width, epsilon, device=features.device, dtype=features.dtype)
-    return (_dense_distances(features) * kernel).sum(-1).to(torch.float64)
+    return (_dense_distances(features, scales) * kernel).sum(-1).to(torch.float64)
 
 
 # ----------------------------------------------------------------------------- custom operators
@@ -594,7 +612,8 @@ def _degrees_setup(ctx, inputs, output):
 def _degrees_backward(ctx, grad_deg):
     (features,) = ctx.saved_tensors
     if torch.is_grad_enabled():  # create_graph=True: a differentiable gradient, from the dense composite
-        return _composite_vjp(lambda x: _dense_degrees(x, ctx.epsilon), features, grad_deg), None
+        scales = _forward_scales(features)  # the units of the forward's degrees
+        return _composite_vjp(lambda x: _dense_degrees(x, ctx.epsilon, scales), features, grad_deg), None
     return _degrees_backward_op(grad_deg, features, ctx.epsilon), None
 
 
@@ -632,7 +651,8 @@ def _distances_setup(ctx, inputs, output):
 def _distances_backward(ctx, grad):
     features, distances = ctx.saved_tensors
     if torch.is_grad_enabled():
-        return _composite_vjp(_dense_distances, features, grad)
+        scales = _forward_scales(features)
+        return _composite_vjp(lambda x: _dense_distances(x, scales), features, grad)
     return _distances_backward_op(grad.contiguous(), features, distances)
 
 
