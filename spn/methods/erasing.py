@@ -313,7 +313,8 @@ class AdversarialErasing(Method):
             raise ConfigError(
                 f"{out} already holds a run ({marker}); pass --resume to continue it, or choose another --out"
             )
-        elif _rank() == 0:
+        _barrier()  # every process has looked before the marker appears
+        if not resume and _rank() == 0:
             save_checkpoint(marker, {"epoch": 0, "ae_step": 0, "config": json_config(config)})
         for step in range(1, self.options["steps"]):  # step k + 1's images were mined after step k's epochs
             path = out / f"step{step}" / "checkpoint.pt"
