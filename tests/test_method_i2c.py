@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -275,6 +276,8 @@ def test_method_loss_is_ce_plus_weighted_terms():
     assert math.isclose(float(out.loss), expected, rel_tol=1e-5)
     with pytest.raises(MethodError, match="multi-label"):
         method.loss(model, images, {"label": labels, "labels": torch.ones(4, 3)}, Step(0, 1))
+    with pytest.raises(MethodError, match="--dataset voc is multi-label"):
+        method.build(small_cam(3, 8, widths=(4, 8)), SimpleNamespace(dataset="voc"))
 
 
 # ---------------------------------------------------------------- the sampler

@@ -516,6 +516,8 @@ class I2C(Method):
     def build(self, network: Any, config: Any) -> Any:
         from spn.models import Network
 
+        if getattr(config, "dataset", None) == "voc":
+            raise MethodError("method 'i2c' needs single-label data (same-class pairs); --dataset voc is multi-label")
         o = self.options
         head = I2CHead(
             network.head,
