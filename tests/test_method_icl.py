@@ -35,31 +35,42 @@ def _normed(values: list[float]) -> list[float]:
     return [0.0 if high == low else (v - low) / (high - low) for v in values]
 
 
-def test_non_local_block_by_hand():
+@pytest.mark.parametrize("subsample", [False, True])
+def test_non_local_block_by_hand(subsample):
     torch.manual_seed(0)
-    block = NonLocalAttention(3, inter_channels=2)
+    block = NonLocalAttention(3, inter_channels=2, subsample=subsample)
     torch.nn.init.normal_(block.out.weight)
     torch.nn.init.normal_(block.out.bias)
-    x = torch.randn(2, 3, 2, 3)
+    height, width = 4, 5
+    x = torch.randn(2, 3, height, width)
     got = block(x)
 
     def conv(layer, vector):
         w, b = layer.weight[:, :, 0, 0], layer.bias
         return [float(b[o]) + sum(float(w[o, i]) * vector[i] for i in range(len(vector))) for o in range(w.shape[0])]
 
+    def keys_of(layer, grid):
+        # 1x1 conv at every position, then (subsample) the max over each 2x2 window, floor
+        mapped = {pos: conv(layer, vector) for pos, vector in grid.items()}
+        if not subsample:
+            return list(mapped.values())
+        return [
+            [max(mapped[(2 * r + dr, 2 * s + ds)][k] for dr in range(2) for ds in range(2)) for k in range(2)]
+            for r in range(height // 2) for s in range(width // 2)
+        ]  # fmt: skip
+
     for b in range(2):
-        positions = [[float(x[b, c, r, s]) for c in range(3)] for r in range(2) for s in range(3)]
-        thetas = [conv(block.theta, p) for p in positions]
-        phis = [conv(block.phi, p) for p in positions]
-        gs = [conv(block.g, p) for p in positions]
-        for i, position in enumerate(positions):
-            scores = [sum(t * f for t, f in zip(thetas[i], phis[j], strict=True)) for j in range(6)]
+        grid = {(r, s): [float(x[b, c, r, s]) for c in range(3)] for r in range(height) for s in range(width)}
+        phis, gs = keys_of(block.phi, grid), keys_of(block.g, grid)
+        assert len(phis) == (4 if subsample else 20)
+        for (r, s), position in grid.items():
+            theta = conv(block.theta, position)
+            scores = [sum(t * f for t, f in zip(theta, phi, strict=True)) for phi in phis]
             top = max(scores)
-            weights = [math.exp(s - top) for s in scores]
+            weights = [math.exp(v - top) for v in scores]
             weights = [w / sum(weights) for w in weights]
-            mixed = [sum(weights[j] * gs[j][k] for j in range(6)) for k in range(2)]
+            mixed = [sum(weights[j] * gs[j][k] for j in range(len(gs))) for k in range(2)]
             expected = [position[c] + value for c, value in enumerate(conv(block.out, mixed))]
-            r, s = divmod(i, 3)
             for c in range(3):
                 assert math.isclose(float(got[b, c, r, s]), expected[c], rel_tol=1e-4, abs_tol=1e-5)
 

@@ -59,11 +59,14 @@ class NonLocalAttention(nn.Module):
     :math:`z_i = x_i + W_z \sum_j \operatorname{softmax}_j(\theta(x_i)^\top \phi(x_j))\, g(x_j)`
     with 1x1 convolutions :math:`\theta, \phi, g` (C -> C') and :math:`W_z` (C' -> C).
     :math:`W_z` starts at zero (as Wang et al. zero-initialise the block's last BN), so the
-    block starts as the identity.
+    block starts as the identity. With ``subsample`` (Wang et al.'s subsampling trick), the
+    keys and values :math:`\phi(x), g(x)` are max-pooled 2x2 (stride 2, floor) before the sum,
+    so j runs over a quarter of the positions (maps smaller than 2x2 are not pooled).
 
     Args:
         channels: C.
         inter_channels: C' (default C // 2, at least 1, Wang et al.'s).
+        subsample: pool the keys and values (default True).
 
     Shape:
         - Input: (B, C, h, w)
@@ -76,8 +79,9 @@ class NonLocalAttention(nn.Module):
         True
     """
 
-    def __init__(self, channels: int, inter_channels: int | None = None) -> None:
+    def __init__(self, channels: int, inter_channels: int | None = None, subsample: bool = True) -> None:
         super().__init__()
+        self.subsample = bool(subsample)
         inner = inter_channels if inter_channels is not None else max(channels // 2, 1)
         if channels < 1 or inner < 1:
             raise ValueError(f"channels and inter_channels must be >= 1, got {channels} and {inner}")
@@ -93,9 +97,12 @@ class NonLocalAttention(nn.Module):
         if x.dim() != 4:
             raise ValueError(f"NonLocalAttention takes (B, C, h, w), got {tuple(x.shape)}")
         queries = self.theta(x).flatten(2).transpose(1, 2)  # (B, hw, C')
-        keys = self.phi(x).flatten(2)  # (B, C', hw)
-        values = self.g(x).flatten(2).transpose(1, 2)  # (B, hw, C')
-        weights = torch.softmax(queries @ keys, dim=-1)  # (B, hw, hw), rows sum to 1
+        keys, values = self.phi(x), self.g(x)
+        if self.subsample and min(x.shape[-2:]) >= 2:
+            keys, values = F.max_pool2d(keys, 2), F.max_pool2d(values, 2)
+        keys = keys.flatten(2)  # (B, C', n)
+        values = values.flatten(2).transpose(1, 2)  # (B, n, C')
+        weights = torch.softmax(queries @ keys, dim=-1)  # (B, hw, n), rows sum to 1
         mixed = (weights @ values).transpose(1, 2).reshape(x.shape[0], -1, *x.shape[-2:])
         return x + self.out(mixed)
 
@@ -429,17 +436,21 @@ class ICLHead(WSOLHead):
         self.drop_rate, self.background_share = float(drop_rate), float(background_share)
         self.drop_threshold, self.background_threshold = float(drop_threshold), float(background_threshold)
 
-    def levels(self, features: torch.Tensor | Sequence[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The non-local outputs of the levels and their attention maps, shallowest first."""
+    def levels(
+        self, features: torch.Tensor | Sequence[torch.Tensor], last_only: bool = False
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The non-local outputs of the levels and their attention maps, shallowest first
+        (only the last level's with ``last_only``: the maps and logits need no other)."""
         levels = [features] if isinstance(features, torch.Tensor) else list(features)
         if len(levels) != len(self.blocks):
             raise ValueError(f"ICLHead was made for {len(self.blocks)} feature levels, got {len(levels)}")
-        outputs = [block(level) for block, level in zip(self.blocks, levels, strict=True)]
+        pairs = list(zip(self.blocks, levels, strict=True))
+        outputs = [block(level) for block, level in (pairs[-1:] if last_only else pairs)]
         return outputs, [attention_map(z) for z in outputs]
 
     def compute(self, features: Any) -> HeadState:
         """The wrapped head on the last level's non-local output (no selection)."""
-        outputs, _ = self.levels(features)
+        outputs, _ = self.levels(features, last_only=True)
         return self.inner.compute(outputs[-1])
 
     def map_weight(self) -> torch.Tensor:
@@ -448,11 +459,11 @@ class ICLHead(WSOLHead):
     def forward_with_maps(
         self, features: Any, classes: ClassSpec = "predicted", size: tuple[int, int] | None = None
     ) -> HeadOutput:
-        outputs, _ = self.levels(features)
+        outputs, _ = self.levels(features, last_only=True)
         return self.inner.forward_with_maps(outputs[-1], classes=classes, size=size)
 
     def forward(self, features: Any, target: torch.Tensor | None = None) -> Any:
-        outputs, attentions = self.levels(features)
+        outputs, attentions = self.levels(features, last_only=target is None)
         last, attention = outputs[-1], attentions[-1]
         selected = last
         if self.training:
