@@ -172,7 +172,14 @@ def test_divergent_level_is_class_major():
     for c, k, i, j in itertools.product(range(2), range(4), range(2), range(2)):
         expected = sum(weight[c * 4 + k, ch] * x[0, ch, i, j] for ch in range(3)) + bias[c * 4 + k]
         assert float(out[0, c, k, i, j]) == pytest.approx(float(expected), abs=1e-12)
-    assert len(DivergentLevel(3, 2, 4, width=5, convs=2).convs) == 4  # two 3x3 conv + ReLU
+    deep = DivergentLevel(3, 2, 4, width=5, convs=2)
+    assert len(deep.convs) == 4  # two 3x3 conv + ReLU
+    for conv in (deep.convs[0], deep.convs[2], deep.classifier):  # the authors' init: Xavier uniform, zero bias
+        fan_in = conv.in_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        fan_out = conv.out_channels * conv.kernel_size[0] * conv.kernel_size[1]
+        bound = math.sqrt(6 / (fan_in + fan_out))
+        assert float(conv.weight.abs().max()) <= bound and float(conv.weight.abs().max()) > 0.8 * bound
+        assert not conv.bias.any()
 
 
 def _head(coarse: str = "top") -> DANetHead:

@@ -220,7 +220,8 @@ def divergent_activation_loss(
 
 class DivergentLevel(nn.Module):
     """One DANet level: ``convs`` 3x3 convs + ReLU of ``width`` channels, then a 1x1 conv to
-    ``num_classes * maps_per_class`` channels, viewed as (B, N, K, h, w) (class-major).
+    ``num_classes * maps_per_class`` channels, viewed as (B, N, K, h, w) (class-major). The
+    convs start as the authors' (Xavier-uniform weights, zero biases).
 
     Args:
         in_channels: channels of the level's features.
@@ -245,6 +246,10 @@ class DivergentLevel(nn.Module):
         self.classifier = nn.Conv2d(channels, num_classes * maps_per_class, kernel_size=1)
         self.num_classes = num_classes
         self.maps_per_class = maps_per_class
+        for module in self.modules():  # the authors' initialisation of their added layers
+            if isinstance(module, nn.Conv2d):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.classifier(self.convs(features))
