@@ -74,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 128], help="small_*: block widths")
     parser.add_argument("--output-stride", type=int, default=4, help="small_*: feature map stride (default 4)")
     parser.add_argument("--norm", choices=("batch", "group", "none"), default="batch", help="small_*: normalisation")
+    parser.add_argument("--num-maps", type=int, default=128, help="small_*: channels of the head's 3x3 conv")
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--backbone-weights", metavar="FILE", help="torchvision-layout weights (never downloaded)")
     parser.add_argument("--digits-seed", type=int, default=0, help="digits: the benchmark's generation seed")
@@ -114,7 +115,7 @@ def run(config: RunConfig, resume: bool = False, context: Context | None = None)
     def train(stage_config: RunConfig, stage_resume: bool) -> dict[str, Any]:
         return _train(stage_config, stage_resume, context)
 
-    return config.training_method().fit(config, resume, train)
+    return config.training_method().fit(config, resume, train, context.device)
 
 
 def _train(config: RunConfig, resume: bool, context: Context) -> dict[str, Any]:

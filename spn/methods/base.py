@@ -134,9 +134,16 @@ class Method:
         harness's shuffled DistributedSampler."""
         return None
 
-    def fit(self, config: Any, resume: bool, train: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    def fit(
+        self,
+        config: Any,
+        resume: bool,
+        train: Callable[..., dict[str, Any]],
+        device: torch.device | None = None,
+    ) -> dict[str, Any]:
         """Run the training of ``config``; ``train(config, resume)`` is one ordinary training
-        run (the harness's). Multi-stage methods call it once per stage (default: once)."""
+        run (the harness's), on ``device`` (the run's; for work between stages). Multi-stage
+        methods call ``train`` once per stage (default: once)."""
         return train(config, resume)
 
     def load_model(self, config: Any, run_dir: Path, build: Callable[[Any], Network]) -> Network:

@@ -249,7 +249,8 @@ class DivergentLevel(nn.Module):
         for module in self.modules():  # the authors' initialisation of their added layers
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         out = self.classifier(self.convs(features))

@@ -297,9 +297,17 @@ class AdversarialErasing(Method):
         _check_single_label(config)
         return network
 
-    def fit(self, config: Any, resume: bool, train: Callable[..., dict[str, Any]]) -> dict[str, Any]:
+    def fit(
+        self,
+        config: Any,
+        resume: bool,
+        train: Callable[..., dict[str, Any]],
+        device: torch.device | None = None,
+    ) -> dict[str, Any]:
         """Train the steps into ``RUN_DIR/step{k}``, resuming at the step and epoch a killed
-        run was in; write the erased images between steps and the top-level run files."""
+        run was in; write the erased images between steps (mining on ``device``, the run's) and
+        the top-level run files."""
+        self._device = device if device is not None else _device()
         from spn.harness.checkpoint import load_checkpoint, save_checkpoint, write_json
         from spn.harness.config import ConfigError
         from spn.harness.train import json_config
@@ -417,7 +425,8 @@ class AdversarialErasing(Method):
         total_pixels = 0
         try:
             temporary.mkdir(parents=True)
-            for index, mask in mine_regions(network, dataset, self.options["fraction"], _device()):
+            device = getattr(self, "_device", None) or _device()  # the run's (set by fit), else the default
+            for index, mask in mine_regions(network, dataset, self.options["fraction"], device):
                 path = dataset.paths[index]
                 source = _read_rgb(dataset.image_root / path)
                 destination = images / path
