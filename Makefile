@@ -40,7 +40,8 @@ demo: venv
 # make benchmark: SPN (exact stationary state and spn.RELEASED's walk), CAM and the seed methods
 #   on the digits benchmark, 3 seeds each, same budget; tables, pictures and timings in
 #   benchmarks/results/wsol_digits/ (see docs/benchmark.md). Re-running resumes and keeps finished runs.
-BENCHMARK_VARIANTS ?= small_sp small_cam small_sp:released
+BENCHMARK_VARIANTS ?= small_sp small_cam small_sp:released small_cam+ae small_cam+acol \
+	small_cam+spa,start_epoch=3 small_cam+i2c small_cam+danet small_cam+icl
 benchmark: venv
 	$(BIN)/python benchmarks/wsol_digits.py --out benchmarks/results/wsol_digits --variants $(BENCHMARK_VARIANTS)
 
