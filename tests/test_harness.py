@@ -16,22 +16,9 @@ import pytest
 import torch
 
 from spn.__main__ import main as spn_main
-from spn.data.digits import DigitsBenchmark, write_benchmark
 from spn.harness.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-SMALL = DigitsBenchmark(
-    image_size=48, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=(14, 22), distractor_size=(8, 12)
-)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    write_benchmark(root, SMALL, seed=0)
-    return root
-
 
 def train_args(data: Path, out: Path, *extra: str, epochs: int = 2, model: str = "small_sp") -> list[str]:
     return [

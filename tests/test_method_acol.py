@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 
 from spn.__main__ import main as spn_main
-from spn.data.digits import DigitsBenchmark, write_benchmark
 from spn.harness.checkpoint import load_checkpoint
 from spn.harness.config import ConfigError, RunConfig
 from spn.methods import MethodError, Step, get_method
@@ -265,18 +264,6 @@ def test_head_takes_the_last_of_a_list_of_levels():
 
 
 # ------------------------------------------------------------------ harness
-
-SMALL = DigitsBenchmark(
-    image_size=48, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=(14, 22), distractor_size=(8, 12)
-)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    write_benchmark(root, SMALL, seed=0)
-    return root
-
 
 def train_args(data: Path, out: Path, epochs: int) -> list[str]:
     return [

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from spn.data.digits import DigitsBenchmark, write_benchmark
 from spn.harness.checkpoint import CheckpointError, load_checkpoint
 from spn.harness.compare import _finished
 from spn.harness.config import ConfigError, RunConfig, build_dataset
@@ -176,18 +175,6 @@ def test_options():
 
 
 # ------------------------------------------------------------------ harness
-
-SMALL = DigitsBenchmark(
-    image_size=48, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=(14, 22), distractor_size=(8, 12)
-)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    write_benchmark(root, SMALL, seed=0)
-    return root
-
 
 def ae_config(data: Path, out: Path) -> RunConfig:
     return RunConfig(

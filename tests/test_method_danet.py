@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from spn.__main__ import main as spn_main
-from spn.data.digits import HIERARCHY, DigitsBenchmark, write_benchmark
+from spn.data.digits import HIERARCHY
 from spn.harness.checkpoint import load_checkpoint
 from spn.harness.config import RunConfig
 from spn.methods import MethodError, Step, get_method
@@ -353,15 +353,6 @@ def test_loss_is_half_the_levels_ce_plus_alpha_cos(tmp_path):
 # ------------------------------------------------------------------ through the harness
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    small = DigitsBenchmark(image_size=32, train_per_class=2, val_per_class=1, test_per_class=1,
-                            digit_size=(12, 16), distractor_size=(6, 8))  # fmt: skip
-    write_benchmark(root, small, seed=0)
-    return root
-
-
 def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
     return spn_main([
         "train", "--dataset", "digits", "--data", str(data), "--model", "small_cam", "--method", "danet",
@@ -371,7 +362,8 @@ def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
     ])  # fmt: skip
 
 
-def test_train_evaluate_and_resume_through_the_harness(digits, tmp_path):
+def test_train_evaluate_and_resume_through_the_harness(mini_digits, tmp_path):
+    digits = mini_digits
     whole = tmp_path / "whole"
     assert _train(digits, whole, 2) == 0
     lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]

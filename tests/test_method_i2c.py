@@ -12,7 +12,6 @@ import pytest
 import torch
 
 from spn.__main__ import main as spn_main
-from spn.data.digits import DigitsBenchmark, write_benchmark
 from spn.harness.checkpoint import load_checkpoint
 from spn.methods import MethodError, Step, get_method
 from spn.methods.i2c import (
@@ -344,18 +343,6 @@ def test_sampler_errors():
 
 
 # ---------------------------------------------------------------- the harness
-
-SMALL = DigitsBenchmark(
-    image_size=48, train_per_class=4, val_per_class=2, test_per_class=2, digit_size=(14, 22), distractor_size=(8, 12)
-)
-
-
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    write_benchmark(root, SMALL, seed=0)
-    return root
-
 
 def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
     return spn_main([

@@ -14,7 +14,6 @@ import torch
 from torch import nn
 
 from spn.__main__ import main as spn_main
-from spn.data.digits import DigitsBenchmark, write_benchmark
 from spn.harness.checkpoint import load_checkpoint
 from spn.harness.config import ConfigError, RunConfig
 from spn.methods import MethodError, Step, get_method
@@ -340,15 +339,6 @@ def test_voc_is_refused(tmp_path):
 # ------------------------------------------------------------------ through the harness
 
 
-@pytest.fixture(scope="module")
-def digits(tmp_path_factory):
-    root = tmp_path_factory.mktemp("digits")
-    small = DigitsBenchmark(image_size=32, train_per_class=2, val_per_class=1, test_per_class=1,
-                            digit_size=(12, 16), distractor_size=(6, 8))  # fmt: skip
-    write_benchmark(root, small, seed=0)
-    return root
-
-
 def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
     return spn_main([
         "train", "--dataset", "digits", "--data", str(data), "--model", "small_cam", "--method", "spa",
@@ -357,7 +347,8 @@ def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
     ])  # fmt: skip
 
 
-def test_train_evaluate_and_resume_through_the_harness(digits, tmp_path):
+def test_train_evaluate_and_resume_through_the_harness(mini_digits, tmp_path):
+    digits = mini_digits
     whole = tmp_path / "whole"
     assert _train(digits, whole, 2) == 0
     lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
