@@ -54,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--interval", type=float, default=0.001, help="map threshold step (wsolevaluation: 0.001)")
+    parser.add_argument(
+        "--report-only", action="store_true",
+        help="train and evaluate nothing: tabulate the runs already in OUT/results.json (e.g. after a stopped run)",
+    )  # fmt: skip
     return parser
 
 
@@ -67,10 +71,12 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", str(args.epochs), "--widths", *map(str, args.widths), "--lr", str(args.lr),
         "--batch-size", str(args.batch_size), "--interval", str(args.interval),
     ]  # fmt: skip
-    status = compare.main(command)
-    if status:
-        return status
+    if not args.report_only:
+        status = compare.main(command)
+        if status:
+            return status
     records = json.loads((out / "results.json").read_text())
+    write_text(out / "results.md", compare.summarize(records))
     diagnostics = [
         dict(variant=record["variant"], seed=record["seed"], **distractor_diagnostics(Path(record["run"])))
         for record in records
