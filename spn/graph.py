@@ -167,11 +167,11 @@ def _strip_rows(batch: int, n: int, width: int) -> int:
     return max(1, min(n, rows, BLOCK_ELEMENTS // n))
 
 
-def _batches(features: torch.Tensor):
+def _batches(features: torch.Tensor, strip: int | None = None):
     """Slices of images whose strips hold at most BLOCK_ELEMENTS elements (at least one image)."""
     batch, _, height, width = features.shape
     n = height * width
-    size = max(1, BLOCK_ELEMENTS // (_strip_rows(batch, n, width) * n))
+    size = max(1, BLOCK_ELEMENTS // ((strip or _strip_rows(batch, n, width)) * n))
     return [slice(start, min(batch, start + size)) for start in range(0, batch, size)]
 
 
@@ -201,7 +201,7 @@ class _Prepared:
     x and v in float64 are made only when some row needs recomputing.
     """
 
-    def __init__(self, features: torch.Tensor, backward: bool = False):
+    def __init__(self, features: torch.Tensor, backward: bool = False, strip: int | None = None):
         batch, channels, height, width = features.shape
         self.shape = (batch, channels, height, width)
         self.n = n = height * width
@@ -212,7 +212,7 @@ class _Prepared:
         self.tau = backward_tau if backward else forward_tau
         self.features = features.reshape(batch, channels, n)
         self.augmented = n >= 2 * channels
-        self.strip = _strip_rows(batch, n, width)
+        self.strip = strip or _strip_rows(batch, n, width)
         self._centred64: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernel: torch.Tensor | None = None
         self._candidate_bounds: torch.Tensor | None = None
@@ -367,6 +367,16 @@ class _Prepared:
         )
         return block, recomputed
 
+    def may_hold_near_pairs(self, rows: slice, distances: torch.Tensor) -> bool:
+        """The test of `squared_distances` on distances already known (B, r, n - rows.start): whether
+        a row of the strip may hold a pair nearer than tau (the diagonal excluded)."""
+        r = rows.stop - rows.start
+        diagonal = torch.diag(distances.new_full((r,), math.inf))
+        nearest = (distances[:, :, :r] + diagonal).amin(-1)
+        if distances.shape[-1] > r:
+            nearest = torch.minimum(nearest, distances[:, :, r:].amin(-1))
+        return bool((nearest.square() < self._bounds()[:, rows]).any())
+
     def _bounds(self) -> torch.Tensor:
         """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns), (B, n) in the input's dtype."""
         if self._candidate_bounds is None:
@@ -420,61 +430,155 @@ class _Prepared:
                     grad.dtype
                 )
 
-    def new_gradient(self) -> torch.Tensor:
-        return self.left.new_zeros(self.shape[0], self.channels, self.n)
+    def new_gradient(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Zero accumulators of a gradient with respect to the centred vectors, sum_b C_ab (v_a - v_b)
+        = v_a S_a - (v C^T)_a: the products (B, K, n) and the coefficients' sums S (B, n)."""
+        batch, channels, n = self.features.shape
+        return self.left.new_zeros(batch, channels, n), self.left.new_zeros(batch, n)
 
-    def to_features(self, grad: torch.Tensor) -> torch.Tensor:
-        """A gradient with respect to the scaled vectors (B, K, n), as one for the features (B, K, H, W)."""
-        return (grad if self.scale is None else grad * self.scale).view(self.shape)
+    def add_products(self, grad, sums, coefficients, rows: slice, columns: slice) -> None:
+        """The pairs (a in rows, b in columns), coefficients (B, r, w), on the rows' side."""
+        sums[:, rows] += coefficients.sum(-1)
+        grad[:, :, rows].baddbmm_(self.centred(columns), coefficients.transpose(1, 2), alpha=-1.0)
+
+    def add_products_transposed(self, grad, sums, coefficients, rows: slice, columns: slice) -> None:
+        """The same pairs on the columns' side."""
+        sums[:, columns] += coefficients.sum(-2)
+        grad[:, :, columns].baddbmm_(self.centred(rows), coefficients, alpha=-1.0)
+
+    def to_features(self, grad: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
+        """v S - (v C^T), the gradient with respect to the scaled vectors, as one for the features (B, K, H, W)."""
+        grad.addcmul_(self.centred(slice(0, self.n)), sums[:, None, :])
+        if self.scale is not None:
+            grad.mul_(self.scale)
+        return grad.view(self.shape)
 
 
-def _degrees_impl(features: torch.Tensor, epsilon: float) -> torch.Tensor:
+def _kept_layout(n: int, width: int) -> tuple[int, int]:
+    """The strip (locations) and the elements per image of the distances that the forward pass keeps
+    for the exact gradient: the upper triangle in strips, a layout that depends on the map's shape
+    only (not on the batch), so that a shape function and the vmap rule can state it."""
+    strip = _strip_rows(1, n, width)
+    return strip, sum(min(strip, n - start) * (n - start) for start in range(0, n, strip))
+
+
+def keeps_distances(shape: torch.Size | tuple[int, ...]) -> bool:
+    """Whether the exact gradient of `degrees` keeps the forward's distances (per image, about
+    n^2 / 2 + n r / 2 elements) instead of recomputing them: when they take no more memory than the
+    features themselves, n K, which keeps the extra memory O(B n K) (maps up to about 1.6 K locations)."""
+    _, channels, height, width = shape
+    return height * width > 0 and _kept_layout(height * width, width)[1] <= height * width * channels
+
+
+def _kept_strips(prepared: _Prepared, kept: torch.Tensor | None, images: slice):
+    """(rows, kept distances of these rows (b, r, n - rows.start), or None without `kept`) over the strips."""
+    offset = 0
+    for rows in prepared.strips():
+        if kept is None:
+            yield rows, None
+            continue
+        size = (rows.stop - rows.start) * (prepared.n - rows.start)
+        yield rows, kept[images, offset : offset + size].view(-1, rows.stop - rows.start, prepared.n - rows.start)
+        offset += size
+
+
+def _degrees_impl(features: torch.Tensor, epsilon: float, kept: torch.Tensor | None = None) -> torch.Tensor:
+    """deg (B, n) float64; with `kept` (B, T) also writes the distances there (see _kept_layout)."""
     batch, _, height, width = features.shape
+    strip = _kept_layout(height * width, width)[0] if kept is not None else None
     deg = torch.zeros(batch, height * width, dtype=torch.float64, device=features.device)
-    for images in _batches(features):
-        prepared = _Prepared(features[images])
+    for images in _batches(features, strip):
+        prepared = _Prepared(features[images], strip=strip)
         part = deg[images]
-        for rows in prepared.strips():
+        for rows, keep in _kept_strips(prepared, kept, images):
             r = rows.stop - rows.start
             block, _ = prepared.squared_distances(rows)
-            block.sqrt_().mul_(prepared.kernel(rows, epsilon))
+            if keep is not None:
+                torch.mul(torch.sqrt(block, out=keep), prepared.kernel(rows, epsilon), out=block)
+            else:
+                block.sqrt_().mul_(prepared.kernel(rows, epsilon))
             part[:, rows] += block.sum(-1)
             part[:, rows.stop :] += block[:, :, r:].sum(-2)
     return deg
 
 
-def _degrees_backward_impl(grad_deg: torch.Tensor, features: torch.Tensor, epsilon: float) -> torch.Tensor:
+def _degree_coefficients(prepared: _Prepared, g: torch.Tensor, rows: slice, distances, epsilon: float):
+    """C_ab = (g_a + g_b) L_ab / d_ab (d deg_a / d d_ab = d deg_b / d d_ab = L_ab), 0 where d_ab = 0,
+    for a strip (B, r, n - rows.start); distances recomputed when not given or when a row of the
+    strip may hold a near pair. Returns C and the recomputed rows (or None), whose coefficients
+    over the recomputed span are taken out of C and returned in float64 beside them."""
+    recomputed = None
+    if distances is None or prepared.may_hold_near_pairs(rows, distances):
+        block, recomputed = prepared.squared_distances(rows)
+        distances = block.sqrt_()
+    coefficients = torch.add(g[:, rows, None], g[:, None, rows.start :]).mul_(prepared.kernel(rows, epsilon))
+    coefficients.div_(distances).masked_fill_(distances == 0, 0.0)
+    if recomputed is None:
+        return coefficients, None
+    image, row, span = recomputed.image, recomputed.row, recomputed.cols
+    local = torch.arange(span.start - rows.start, span.stop - rows.start, device=coefficients.device)
+    exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
+    coefficients[image[:, None], row[:, None], local] = 0.0
+    return coefficients, (exact, recomputed)
+
+
+def _degrees_backward_impl(
+    grad_deg: torch.Tensor, features: torch.Tensor, epsilon: float, kept: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The gradient of deg with respect to the features: sum_b C_ab (v_a - v_b) = v_a S_a - (v C)_a,
+    with the symmetric C held as its upper triangle in strips.
+
+    Without `kept`, strip by strip: the distances are recomputed, and each strip's products go to
+    its own rows and, transposed, to the columns beyond (one strip's coefficients alive at a time).
+    With `kept` (the forward's distances, recomputed only for strips that may hold a near pair)
+    every strip's coefficients are held at once (as much memory as `kept`), and each strip of the
+    gradient is one chain of GEMMs accumulating in place into v S: no zero fill, no separate
+    subtraction passes over (B, K, n) tensors.
+    """
+    _, _, height, width = features.shape
+    strip = _kept_layout(height * width, width)[0] if kept is not None else None
     grads = []
-    for images in _batches(features):
-        prepared = _Prepared(features[images], backward=True)
+    for images in _batches(features, strip):
+        prepared = _Prepared(features[images], backward=True, strip=strip)
         g = grad_deg[images].to(prepared.dtype)
-        grad = prepared.new_gradient()
-        for rows in prepared.strips():
-            r, cols = rows.stop - rows.start, slice(rows.start, prepared.n)
-            block, recomputed = prepared.squared_distances(rows)
-            distances = block.sqrt_()
-            kernel = prepared.kernel(rows, epsilon)
-            weights = torch.where(distances > 0, kernel / distances, torch.zeros_like(distances))
-            # d deg_a / d d_ab = d deg_b / d d_ab = L_ab: C_ab = (g_a + g_b) L_ab / d_ab
-            coefficients = weights.mul_(g[:, rows, None] + g[:, None, cols])
-            if recomputed is not None:
-                image, row, span = recomputed.image, recomputed.row, recomputed.cols
-                local = torch.arange(span.start - rows.start, span.stop - rows.start, device=grad.device)
-                exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
-                coefficients[image[:, None], row[:, None], local] = 0.0
-                prepared.add_recomputed(grad, exact, recomputed, rows, one_sided=rows.stop)
-            v_rows, v_cols = prepared.centred(rows), prepared.centred(cols)
-            # sum_b C_ab (v_a - v_b) = v_a sum_b C_ab - (v C^T)_a; the columns beyond the strip's own
-            # rows get the other side of their pairs (the strip's own pairs appear in both orders).
-            # (accumulated in place: no (B, K, n) temporaries)
-            own = grad[:, :, rows]
-            own.addcmul_(v_rows, coefficients.sum(-1)[:, None, :]).baddbmm_(
-                v_cols, coefficients.transpose(1, 2), alpha=-1.0
-            )
-            beyond = coefficients[:, :, r:]
-            after = grad[:, :, rows.stop :]
-            after.addcmul_(v_cols[:, :, r:], beyond.sum(-2)[:, None, :]).baddbmm_(v_rows, beyond, alpha=-1.0)
-        grads.append(prepared.to_features(grad))
+        n = prepared.n
+        if kept is None:
+            grad, sums = prepared.new_gradient()
+            for rows in prepared.strips():
+                coefficients, exact = _degree_coefficients(prepared, g, rows, None, epsilon)
+                if exact is not None:
+                    prepared.add_recomputed(grad, exact[0], exact[1], rows, one_sided=rows.stop)
+                # The strip's own pairs appear in both orders in its first r columns; the columns
+                # beyond get the other side of their pairs.
+                r = rows.stop - rows.start
+                prepared.add_products(grad, sums, coefficients, rows, slice(rows.start, n))
+                prepared.add_products_transposed(grad, sums, coefficients[:, :, r:], rows, slice(rows.stop, n))
+            grads.append(prepared.to_features(grad, sums))
+            continue
+        strips, exacts = [], []
+        sums = prepared.left.new_zeros(g.shape)
+        for rows, distances in _kept_strips(prepared, kept, images):
+            coefficients, exact = _degree_coefficients(prepared, g, rows, distances, epsilon)
+            strips.append((rows, coefficients))
+            if exact is not None:
+                exacts.append((rows, exact))
+            sums[:, rows] += coefficients.sum(-1)
+            sums[:, rows.stop :] += coefficients[:, :, rows.stop - rows.start :].sum(-2)
+        grad = prepared.left.new_empty(prepared.shape[0], prepared.channels, n)
+        for i, (rows, coefficients) in enumerate(strips):
+            # grad[:, :, rows] = v S - v C^T over the columns from rows.start on (this strip) and
+            # over the rows of the earlier strips (their coefficients with these rows, transposed).
+            part = prepared.centred(rows) * sums[:, None, rows]
+            part.baddbmm_(prepared.centred(slice(rows.start, n)), coefficients.transpose(1, 2), alpha=-1.0)
+            for earlier, other in strips[:i]:
+                block = other[:, :, rows.start - earlier.start : rows.stop - earlier.start]
+                part.baddbmm_(prepared.centred(earlier), block, alpha=-1.0)
+            grad[:, :, rows] = part
+        for rows, (exact_coefficients, recomputed) in exacts:
+            prepared.add_recomputed(grad, exact_coefficients, recomputed, rows, one_sided=rows.stop)
+        if prepared.scale is not None:
+            grad.mul_(prepared.scale)
+        grads.append(grad.view(prepared.shape))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
 
 
@@ -500,12 +604,12 @@ def _distances_backward_impl(
     grads = []
     for images in _batches(features):
         prepared = _Prepared(features[images], backward=True)
-        grad = prepared.new_gradient()
-        v_all = prepared.centred(slice(0, prepared.n))
+        grad, sums = prepared.new_gradient()
+        everything = slice(0, prepared.n)
         for rows in prepared.strips():
             d = distances[images, rows]
             symmetric = grad_distances[images, rows] + grad_distances[images, :, rows].transpose(1, 2)
-            coefficients = torch.where(d > 0, symmetric / d, torch.zeros_like(d))
+            coefficients = symmetric.div_(d).masked_fill_(d == 0, 0.0)
             # The forward pass's split, decided on the distances it returned: rows with a near pair in float64.
             bound = prepared.tau * (prepared.squares[:, rows, None] + prepared.squares[:, None, :])
             near = (d.to(torch.float64).square() < bound) & (d > 0)
@@ -518,10 +622,8 @@ def _distances_backward_impl(
                 exact = coefficients[image[:, None], row[:, None], local].to(torch.float64)
                 coefficients[image[:, None], row[:, None], local] = 0.0
                 prepared.add_recomputed(grad, exact, recomputed, rows, one_sided=prepared.n)
-            own = grad[:, :, rows]
-            own.addcmul_(prepared.centred(rows), coefficients.sum(-1)[:, None, :])
-            own.baddbmm_(v_all, coefficients.transpose(1, 2), alpha=-1.0)
-        grads.append(prepared.to_features(grad))
+            prepared.add_products(grad, sums, coefficients, rows, everything)
+        grads.append(prepared.to_features(grad, sums))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
 
 
@@ -557,7 +659,7 @@ def _dense_distances(features: torch.Tensor, scales: torch.Tensor | None = None)
     return torch.where(positive, safe.sqrt(), torch.zeros_like(squared))
 
 
-def _forward_scales(features: torch.Tensor) -> torch.Tensor:
+def _forward_scales(features: torch.Tensor, strip: int | None = None) -> torch.Tensor:
     """The power of two (B,) by which the fast operators scale each image (1 where they do not):
     their outputs are in the units of the scaled features, and a composite that recomputes them
     (double backward) must use the same units, or its gradient is off by that factor. The fast
@@ -565,8 +667,8 @@ def _forward_scales(features: torch.Tensor) -> torch.Tensor:
     outside the safe range."""
     with torch.no_grad():
         parts = []
-        for images in _batches(features):
-            scale = _Prepared(features[images].detach()).scale
+        for images in _batches(features, strip):
+            scale = _Prepared(features[images].detach(), strip=strip).scale
             count = images.stop - images.start
             parts.append(features.new_ones(count) if scale is None else scale.reshape(count).to(features.dtype))
         return torch.cat(parts)
@@ -618,6 +720,55 @@ def _degrees_backward(ctx, grad_deg):
 
 
 _degrees_op.register_autograd(_degrees_backward, setup_context=_degrees_setup)
+
+
+# The same with the distances kept for the exact gradient (see keeps_distances): a second output,
+# (B, T) in the features' dtype, not differentiable.
+@torch.library.custom_op("spn::degrees_keeping", mutates_args=())
+def _degrees_keeping_op(features: torch.Tensor, epsilon: float) -> tuple[torch.Tensor, torch.Tensor]:
+    _, _, height, width = features.shape
+    kept = features.new_empty(features.shape[0], _kept_layout(height * width, width)[1])
+    with torch.autocast(features.device.type, enabled=False):
+        return _degrees_impl(features, epsilon, kept), kept
+
+
+@_degrees_keeping_op.register_fake
+def _(features, epsilon):
+    batch, _, height, width = features.shape
+    deg = features.new_empty((batch, height * width), dtype=torch.float64)
+    return deg, features.new_empty((batch, _kept_layout(height * width, width)[1]))
+
+
+@torch.library.custom_op("spn::degrees_backward_kept", mutates_args=())
+def _degrees_backward_kept_op(
+    grad_deg: torch.Tensor, features: torch.Tensor, kept: torch.Tensor, epsilon: float
+) -> torch.Tensor:
+    with torch.autocast(features.device.type, enabled=False):
+        return _degrees_backward_impl(grad_deg, features, epsilon, kept)
+
+
+@_degrees_backward_kept_op.register_fake
+def _(grad_deg, features, kept, epsilon):
+    return features.new_empty(features.shape)
+
+
+def _degrees_keeping_setup(ctx, inputs, output):
+    features, epsilon = inputs
+    ctx.save_for_backward(features, output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.epsilon = epsilon
+
+
+def _degrees_keeping_backward(ctx, grad_deg, _grad_kept):
+    features, kept = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        _, _, height, width = features.shape
+        scales = _forward_scales(features, _kept_layout(height * width, width)[0])
+        return _composite_vjp(lambda x: _dense_degrees(x, ctx.epsilon, scales), features, grad_deg), None
+    return _degrees_backward_kept_op(grad_deg, features, kept, ctx.epsilon), None
+
+
+_degrees_keeping_op.register_autograd(_degrees_keeping_backward, setup_context=_degrees_keeping_setup)
 
 
 @torch.library.custom_op("spn::distances", mutates_args=())
@@ -683,6 +834,19 @@ def _degrees_backward_vmap(info, in_dims, grad_deg, features, epsilon):
     return out.reshape(size, -1, *out.shape[1:]), 0
 
 
+def _degrees_keeping_vmap(info, in_dims, features, epsilon):
+    deg, kept = _degrees_keeping_op(_fold(features, in_dims[0], info.batch_size), epsilon)
+    size = info.batch_size
+    return (deg.reshape(size, -1, deg.shape[-1]), kept.reshape(size, -1, kept.shape[-1])), (0, 0)
+
+
+def _degrees_backward_kept_vmap(info, in_dims, grad_deg, features, kept, epsilon):
+    size = info.batch_size
+    folded = (_fold(t, d, size) for t, d in zip((grad_deg, features, kept), in_dims[:3], strict=True))
+    out = _degrees_backward_kept_op(*folded, epsilon)
+    return out.reshape(size, -1, *out.shape[1:]), 0
+
+
 def _distances_vmap(info, in_dims, features):
     out = _distances_op(_fold(features, in_dims[0], info.batch_size))
     return out.reshape(info.batch_size, -1, *out.shape[1:]), 0
@@ -697,6 +861,8 @@ def _distances_backward_vmap(info, in_dims, grad, features, distances):
 
 _degrees_op.register_vmap(_degrees_vmap)
 _degrees_backward_op.register_vmap(_degrees_backward_vmap)
+_degrees_keeping_op.register_vmap(_degrees_keeping_vmap)
+_degrees_backward_kept_op.register_vmap(_degrees_backward_kept_vmap)
 _distances_op.register_vmap(_distances_vmap)
 _distances_backward_op.register_vmap(_distances_backward_vmap)
 
@@ -722,10 +888,13 @@ def _needs_dense(features: torch.Tensor) -> bool:
 def degrees(features: torch.Tensor, epsilon: float) -> torch.Tensor:
     """deg_a = sum_b d_ab L~_ab of the features scaled by 2^-e per image: float64 (B, n), differentiable.
 
-    The scale does not change deg / sum(deg). No n x n tensor is made.
+    The scale does not change deg / sum(deg). No n x n tensor is made; when a gradient will be
+    needed and `keeps_distances`, the forward keeps the distances' upper triangle for it.
     """
     if _needs_dense(features):
         return _dense_degrees(features, epsilon)
+    if torch.is_grad_enabled() and features.requires_grad and keeps_distances(features.shape):
+        return _degrees_keeping_op(features, float(epsilon))[0]
     return _degrees_op(features, float(epsilon))
 
 
@@ -758,7 +927,11 @@ def transfer_matrix(features: torch.Tensor, epsilon: float) -> torch.Tensor:
         )
     weights = distances(features)
     kernel = spatial_kernel(height, width, epsilon, device=features.device, dtype=weights.dtype)
-    in_place = not (torch.is_grad_enabled() and weights.requires_grad)
+    # In place only when no gradient can flow: under vmap a tensor reports requires_grad=False even
+    # when the tensor it wraps requires it (the in-place product then broke the saved distances).
+    in_place = not (
+        torch.is_grad_enabled() and (weights.requires_grad or torch._C._functorch.is_batchedtensor(weights))
+    )
     weights = weights.mul_(kernel) if in_place else weights * kernel
     column_sums = weights.sum(dim=1, keepdim=True)
     # `== 0`, not `> 0`: a NaN column must stay NaN, not turn uniform.

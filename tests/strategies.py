@@ -1,5 +1,7 @@
 """Hypothesis strategies for feature maps that reach the degenerate cases of Soft Proposal."""
 
+import contextlib
+
 import numpy as np
 from hypothesis import strategies as st
 
@@ -42,3 +44,18 @@ def epsilons():
         st.floats(0.3, 20.0),
         st.sampled_from([1e-3, 0.05, 1e-200]),
     )
+
+
+@contextlib.contextmanager
+def distances_kept(keep: bool):
+    """Force the exact gradient of the stationary mode to keep the forward's distances (True) or
+    to recompute them (False), whatever `spn.graph.keeps_distances` would decide for the shape:
+    both paths must give the same gradient."""
+    from spn import graph
+
+    original = graph.keeps_distances
+    graph.keeps_distances = lambda shape: keep
+    try:
+        yield
+    finally:
+        graph.keeps_distances = original

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 import spn
 from spn import graph
 from spn import reference as R
-from strategies import epsilons, feature_maps
+from strategies import distances_kept, epsilons, feature_maps
 
 
 def batch_of(maps, dtype=torch.float64):
@@ -111,31 +111,35 @@ def test_float32_error_is_at_most_twice_plain_float32(maps, iterations):
     st.one_of(st.none(), st.integers(1, 5)),
     st.booleans(),
     st.integers(0, 2**32 - 1),
+    st.booleans(),
 )
-@example([DEGENERATE[0]], None, False, 0)
-@example([DEGENERATE[1]], None, False, 0)
-@example([DEGENERATE[1]], 3, False, 0)
-@example([DEGENERATE[3]], None, False, 0)
-@example([DEGENERATE[4]], 2, False, 0)
-def test_gradients_equal_reference_vjp(maps, iterations, detach, seed):
+@example([DEGENERATE[0]], None, False, 0, True)
+@example([DEGENERATE[0]], None, False, 0, False)
+@example([DEGENERATE[1]], None, False, 0, True)
+@example([DEGENERATE[1]], 3, False, 0, False)
+@example([DEGENERATE[3]], None, False, 0, True)
+@example([DEGENERATE[4]], 2, False, 0, False)
+def test_gradients_equal_reference_vjp(maps, iterations, detach, seed, keep):
     features = batch_of(maps).requires_grad_()
     grad_coupled = torch.from_numpy(np.random.default_rng(seed).standard_normal(features.shape))
-    coupled, _ = spn.soft_proposal(features, iterations=iterations, detach=detach, backend="torch")
-    coupled.backward(grad_coupled)
+    with distances_kept(keep):
+        coupled, _ = spn.soft_proposal(features, iterations=iterations, detach=detach, backend="torch")
+        coupled.backward(grad_coupled)
     expected = R.soft_proposal_vjp(maps[0], grad_coupled[0].numpy(), iterations=iterations, detach=detach)
     scale = max(1.0, np.abs(expected).max())
     np.testing.assert_allclose(features.grad[0].numpy(), expected, rtol=1e-8, atol=1e-10 * scale)
 
 
-@pytest.mark.parametrize("iterations", [None, 3])
-def test_gradcheck_exact_gradient(iterations):
+@pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (3, False)])
+def test_gradcheck_exact_gradient(iterations, keep):
     features = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     features.requires_grad_()
 
     def both_outputs(x):
         return spn.soft_proposal(x, iterations=iterations, detach=False, backend="torch")
 
-    assert torch.autograd.gradcheck(both_outputs, (features,))  # second order: test_torch_path_safety.py
+    with distances_kept(keep):
+        assert torch.autograd.gradcheck(both_outputs, (features,))  # second order: test_torch_path_safety.py
 
 
 @pytest.mark.parametrize("iterations", [None, 3])
@@ -155,16 +159,17 @@ def test_gradcheck_detached_gradient(iterations):
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 5, 6), (3, 16, 3, 4)])  # n >= 2K: one augmented GEMM; n < 2K: baddbmm
-@pytest.mark.parametrize("iterations", [None, 2])
-def test_blocked_computation_equals_one_block(monkeypatch, shape, iterations):
+@pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (2, False)])
+def test_blocked_computation_equals_one_block(monkeypatch, shape, iterations, keep):
     features = torch.randn(*shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
     grad = torch.randn_like(features)
     results = []
     for block in (graph.BLOCK_ELEMENTS, 7):  # 7: strips of one location, one image at a time
         monkeypatch.setattr(graph, "BLOCK_ELEMENTS", block)
         x = features.clone().requires_grad_()
-        coupled, proposal = spn.soft_proposal(x, iterations=iterations, detach=False, backend="torch")
-        coupled.backward(grad)
+        with distances_kept(keep):
+            coupled, proposal = spn.soft_proposal(x, iterations=iterations, detach=False, backend="torch")
+            coupled.backward(grad)
         results.append((proposal, x.grad))
     torch.testing.assert_close(results[0][0], results[1][0], rtol=1e-13, atol=0)
     torch.testing.assert_close(results[0][1], results[1][1], rtol=1e-11, atol=1e-15)
@@ -347,17 +352,20 @@ def test_paper_preset_is_the_default():
     torch.testing.assert_close(spn.soft_proposal(features, **spn.PAPER)[1], spn.soft_proposal(features)[1])
 
 
-def test_torch_compile_gives_the_eager_result():
+@pytest.mark.parametrize("keep", [True, False])
+def test_torch_compile_gives_the_eager_result(keep):
     # A user's compiled training step: graph breaks are fine, errors and wrong values are not.
     torch.manual_seed(0)
     model = torch.nn.Sequential(
         torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(), spn.SoftProposal(detach=False), spn.SpatialSumPool()
     )
     images = torch.rand(2, 3, 6, 6)
-    eager = model(images)
-    (eager_grad,) = torch.autograd.grad(eager.sum(), model[0].weight)
-    compiled = torch.compile(model)(images)
-    (compiled_grad,) = torch.autograd.grad(compiled.sum(), model[0].weight)
+    with distances_kept(keep):
+        eager = model(images)
+        (eager_grad,) = torch.autograd.grad(eager.sum(), model[0].weight)
+        torch._dynamo.reset()
+        compiled = torch.compile(model)(images)
+        (compiled_grad,) = torch.autograd.grad(compiled.sum(), model[0].weight)
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(compiled_grad, eager_grad)
 
@@ -370,3 +378,30 @@ def test_spatial_kernel_equals_reference(height, width, epsilon):
     whole = graph.spatial_kernel(height, width, epsilon)
     np.testing.assert_allclose(whole.numpy(), expected, rtol=1e-14, atol=0)
     assert torch.equal(graph.spatial_kernel(height, width, epsilon, rows), whole[rows])
+
+
+@pytest.mark.parametrize("shape, keeps", [((2, 64, 6, 6), True), ((2, 2, 6, 6), False)])
+def test_exact_gradient_reuses_the_forwards_distances_when_they_fit(monkeypatch, shape, keeps):
+    # keeps_distances: when the distances' upper triangle takes no more memory than the features
+    # (n <~ 1.6 K), the backward takes them from the forward instead of recomputing each strip
+    # (unless a strip may hold a near pair: test_torch_path_scale.py).
+    assert graph.keeps_distances(shape) is keeps
+    n, width = shape[2] * shape[3], shape[3]
+    assert (graph._kept_layout(n, width)[1] <= n * shape[1]) is keeps
+    computed = []
+    original = graph._Prepared.squared_distances
+
+    def counted(self, rows):
+        computed.append(rows)
+        return original(self, rows)
+
+    monkeypatch.setattr(graph._Prepared, "squared_distances", counted)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).relu().requires_grad_()
+    coupled, _ = spn.soft_proposal(x, detach=False, backend="torch")
+    forward = len(computed)
+    coupled.sum().backward()
+    assert forward > 0 and len(computed) - forward == (0 if keeps else forward)
+    with torch.no_grad():  # no gradient needed: nothing kept
+        assert spn.soft_proposal(x, detach=False, backend="torch")[1].shape == shape[:1] + shape[2:]
+    expected = R.soft_proposal_vjp(x[0].detach().double().numpy(), np.ones(shape[1:]), detach=False)
+    np.testing.assert_allclose(x.grad[0].double().numpy(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

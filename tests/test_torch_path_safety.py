@@ -11,6 +11,7 @@ import torch
 import spn
 from spn import graph, walk
 from spn import reference as R
+from strategies import distances_kept
 
 
 class ProposalOnly(torch.nn.Module):
@@ -123,7 +124,7 @@ def test_jit_trace_refuses_another_size_and_is_right_at_its_own():
         traced(features_of(1, 3, 6, 6, seed=10, dtype=torch.float32))
 
 
-@pytest.mark.parametrize("op, args", [("degrees", (2.0,)), ("distances", ())])
+@pytest.mark.parametrize("op, args", [("degrees", (2.0,)), ("degrees_keeping", (2.0,)), ("distances", ())])
 def test_custom_operators_pass_opcheck(op, args):
     features = features_of(2, 3, 4, 5, seed=11).requires_grad_()
     torch.library.opcheck(getattr(torch.ops.spn, op).default, (features, *args))
@@ -167,6 +168,22 @@ def test_vmap_equals_a_loop(iterations):
     mapped = torch.func.vmap(lambda t: spn.soft_proposal(t, iterations=iterations)[1])(stacked)
     looped = torch.stack([spn.soft_proposal(t, iterations=iterations)[1] for t in stacked])
     torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (3, False)])
+def test_vmap_then_backward_equals_a_loop(iterations, keep):
+    # reverse mode through the operators' vmap rules (the kept distances fold into the batch too)
+    stacked = features_of(3, 2, 3, 4, 5, seed=16)
+    g = features_of(3, 2, 4, 5, seed=17)
+    x = stacked.clone().requires_grad_()
+    y = stacked.clone().requires_grad_()
+    with distances_kept(keep):
+        mapped = torch.func.vmap(lambda t: spn.soft_proposal(t, iterations=iterations, detach=False)[1])(x)
+        (mapped * g).sum().backward()
+        looped = torch.stack([spn.soft_proposal(t, iterations=iterations, detach=False)[1] for t in y])
+        (looped * g).sum().backward()
+    torch.testing.assert_close(mapped, looped, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(x.grad, y.grad, rtol=1e-10, atol=1e-14)
 
 
 @pytest.mark.parametrize("iterations", [None, 3])
@@ -258,16 +275,41 @@ def test_walk_stops_once_every_image_converged(monkeypatch):
     np.testing.assert_allclose(proposal.numpy(), reference_maps(x, iterations=5000, tolerance=1e-8), rtol=1e-10)
 
 
-@pytest.mark.parametrize("iterations", [None, 3])
-@pytest.mark.parametrize("scale", [1.0, 4.0, 1e3, 1e-3])
-def test_create_graph_gives_the_exact_first_order_gradient(iterations, scale):
+@pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (3, False)])
+@pytest.mark.parametrize("scale", [1.0, 4.0, 1e3, 1e-3, 2.0**600])
+def test_create_graph_gives_the_exact_first_order_gradient(iterations, keep, scale):
     # with create_graph=True the backward goes through the dense composite; its distances must be
     # in the units of the forward's (which scales features by a power of two only when needed),
     # else the gradient is off by that power of two (found by the CUDA work: error 0.045 at scale 1)
-    u = torch.randn(1, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(14)) * scale
+    # (2^600: the features are scaled inside; V = U M(U) is homogeneous of degree 1, so the gradient
+    # is the unscaled map's, which the float64 reference can evaluate)
+    u = torch.randn(1, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(14))
     g = torch.randn(1, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
-    x = u.clone().requires_grad_()
-    coupled, _ = spn.soft_proposal(x, iterations=iterations, detach=False)
-    (grad,) = torch.autograd.grad(coupled, x, g, create_graph=True)
+    x = (u * scale).requires_grad_()
+    with distances_kept(keep):
+        coupled, _ = spn.soft_proposal(x, iterations=iterations, detach=False)
+        (grad,) = torch.autograd.grad(coupled, x, g, create_graph=True)
     expected = R.soft_proposal_vjp(u[0].numpy(), g[0].numpy(), iterations=iterations, detach=False)
     np.testing.assert_allclose(grad[0].detach().numpy(), expected, rtol=1e-9, atol=1e-12 * np.abs(expected).max())
+
+
+def test_create_graph_uses_the_units_of_the_forward_that_kept_its_distances(monkeypatch):
+    # The forward that keeps its distances groups images by its own strips; the fast path scales
+    # a whole group when one of its images needs it, so the dense composite must group the same
+    # way. Here the kept forward takes the two images one at a time (the second, alone, is not
+    # scaled) while the default grouping would take them together (and scale the second by 2^-2).
+    monkeypatch.setattr(graph, "STRIP_ELEMENTS", 24)
+    monkeypatch.setattr(graph, "BLOCK_ELEMENTS", 24)
+    u = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(18))
+    u[1] *= 3.0 / u[1].abs().max()
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(19))
+    scales = torch.tensor([2.0**600, 1.0], dtype=torch.float64)[:, None, None, None]
+    assert [s.stop - s.start for s in graph._batches(u, graph._kept_layout(12, 4)[0])] == [1, 1]
+    assert [s.stop - s.start for s in graph._batches(u)] == [2]
+    x = (u * scales).requires_grad_()
+    with distances_kept(True):
+        coupled, _ = spn.soft_proposal(x, detach=False)
+        (grad,) = torch.autograd.grad(coupled, x, g, create_graph=True)
+    for image in range(2):
+        expected = R.soft_proposal_vjp(u[image].numpy(), g[image].numpy(), detach=False)
+        np.testing.assert_allclose(grad[image].detach().numpy(), expected, rtol=1e-9, atol=1e-12)

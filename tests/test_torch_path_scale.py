@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import spn
 from spn import graph
 from spn import reference as R
-from strategies import feature_maps
+from strategies import distances_kept, feature_maps
 
 # (smallest normal exponent, largest exponent + 1) of each dtype: 2^e is normal for lo <= e < hi.
 RANGE = {torch.float64: (-1022, 1024), torch.float32: (-126, 128)}
@@ -139,18 +139,21 @@ def test_issue_scales_low_precision(dtype, scales):
     st.floats(0.0, 1.0),
     st.one_of(st.none(), st.integers(1, 4)),
     st.integers(0, 2**32 - 1),
+    st.booleans(),
 )
-@example([INTEGER_MAP], 0.0, None, 0)
-@example([INTEGER_MAP], 1.0, 2, 0)
-def test_exact_gradient_does_not_depend_on_the_scale(maps, fraction, iterations, seed):
+@example([INTEGER_MAP], 0.0, None, 0, True)
+@example([INTEGER_MAP], 1.0, None, 0, True)
+@example([INTEGER_MAP], 1.0, 2, 0, False)
+def test_exact_gradient_does_not_depend_on_the_scale(maps, fraction, iterations, seed, keep):
     moderate = maps[0]
     lo, hi = exact_power_of_two_range(moderate, torch.float64)
     k = pick(fraction, (max(lo, -900), min(hi, 900)))  # beyond, the gradient itself under/overflows
     x = scaled(moderate, k, torch.float64)[None].requires_grad_()
     grad_coupled = np.random.default_rng(seed).standard_normal(moderate.shape)
-    coupled, _ = spn.soft_proposal(x, iterations=iterations, detach=False)
-    # V = U M(U) is homogeneous of degree 1: dE/dU at 2^k U, for the same dE/dV, is dE/dU at U.
-    coupled.backward(torch.from_numpy(grad_coupled * 2.0**0)[None])
+    with distances_kept(keep):
+        coupled, _ = spn.soft_proposal(x, iterations=iterations, detach=False)
+        # V = U M(U) is homogeneous of degree 1: dE/dU at 2^k U, for the same dE/dV, is dE/dU at U.
+        coupled.backward(torch.from_numpy(grad_coupled * 2.0**0)[None])
     expected = R.soft_proposal_vjp(moderate, grad_coupled, iterations=iterations, detach=False)
     scale = max(1.0, np.abs(expected).max())
     np.testing.assert_allclose(x.grad[0].numpy(), expected, rtol=1e-8, atol=1e-10 * scale)
@@ -163,24 +166,29 @@ def tight_cluster(seed: int, offset: float) -> np.ndarray:
     return u
 
 
-@pytest.mark.parametrize("iterations", [None, 3])
+KEPT_OR_NOT = [(None, True), (None, False), (3, False)]  # (iterations, keep the forward's distances)
+
+
+@pytest.mark.parametrize("iterations, keep", KEPT_OR_NOT)
 @pytest.mark.parametrize("offset", [0.0, 5.0])
-def test_exact_gradient_of_a_tight_cluster_float64(iterations, offset):
+def test_exact_gradient_of_a_tight_cluster_float64(iterations, keep, offset):
     u = tight_cluster(0, offset)
     g = np.random.default_rng(1).standard_normal(u.shape)
     x = torch.from_numpy(u)[None].requires_grad_()
-    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(torch.from_numpy(g)[None])
+    with distances_kept(keep):
+        spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(torch.from_numpy(g)[None])
     expected = R.soft_proposal_vjp(u, g, iterations=iterations, detach=False)
     error = np.abs(x.grad[0].numpy() - expected).max() / np.abs(expected).max()
     assert error < 1e-12, error  # was 0.18 to 1.0 with the GEMM form and its zero threshold
 
 
-@pytest.mark.parametrize("iterations", [None, 3])
-def test_exact_gradient_of_a_tight_cluster_float32(iterations):
+@pytest.mark.parametrize("iterations, keep", KEPT_OR_NOT)
+def test_exact_gradient_of_a_tight_cluster_float32(iterations, keep):
     u = tight_cluster(2, 0.0).astype(np.float32)
     g = np.random.default_rng(3).standard_normal(u.shape).astype(np.float32)
     x = torch.from_numpy(u)[None].requires_grad_()
-    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(torch.from_numpy(g)[None])
+    with distances_kept(keep):
+        spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(torch.from_numpy(g)[None])
     expected = R.soft_proposal_vjp(u.astype(np.float64), g.astype(np.float64), iterations=iterations, detach=False)
     error = np.abs(x.grad[0].double().numpy() - expected).max() / np.abs(expected).max()
     assert error < 1e-5, error
@@ -190,7 +198,8 @@ def test_exact_gradient_of_a_tight_cluster_float32(iterations):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_rows_recomputed_in_float64_and_direct_differences(dtype, monkeypatch):
+@pytest.mark.parametrize("keep", [True, False])
+def test_rows_recomputed_in_float64_and_direct_differences(dtype, keep, monkeypatch):
     # A background of near-identical vectors and a bright object: the background's pairs are
     # near (d^2 << |v|^2), so their rows are recomputed; pin both tiers with small blocks.
     monkeypatch.setattr(graph, "BLOCK_ELEMENTS", 2 * 8 * 8)
@@ -203,8 +212,9 @@ def test_rows_recomputed_in_float64_and_direct_differences(dtype, monkeypatch):
     x = torch.from_numpy(u).to(dtype).requires_grad_()
     for iterations in (None, 2):
         x.grad = None
-        coupled, proposal = spn.soft_proposal(x, iterations=iterations, detach=False)
-        coupled.backward(torch.from_numpy(g).to(dtype))
+        with distances_kept(keep):
+            coupled, proposal = spn.soft_proposal(x, iterations=iterations, detach=False)
+            coupled.backward(torch.from_numpy(g).to(dtype))
         for image in range(2):
             expected = R.proposal_map(u[image], iterations=iterations)
             np.testing.assert_allclose(
@@ -250,23 +260,25 @@ def plain_float32_gradient(features: torch.Tensor, grad_coupled: torch.Tensor, i
     st.lists(feature_maps(kinds=("grid", "normal", "two_valued"), max_channels=6, max_side=5), min_size=1, max_size=1),
     st.one_of(st.none(), st.integers(1, 4)),
     st.integers(0, 2**32 - 1),
+    st.booleans(),
 )
-def test_float32_exact_gradient_error_is_at_most_twice_plain_float32(maps, iterations, seed):
+def test_float32_exact_gradient_error_is_at_most_twice_plain_float32(maps, iterations, seed, keep):
     features = torch.from_numpy(maps[0].astype(np.float32))[None]
     grad_coupled = torch.from_numpy(np.random.default_rng(seed).standard_normal(features.shape).astype(np.float32))
     expected = R.soft_proposal_vjp(
         features[0].double().numpy(), grad_coupled[0].double().numpy(), iterations=iterations, detach=False
     )
     x = features.clone().requires_grad_()
-    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
+    with distances_kept(keep):
+        spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
     scale = np.abs(expected).max()
     error = np.abs(x.grad[0].double().numpy() - expected).max() / scale
     plain_error = np.abs(plain_float32_gradient(features, grad_coupled, iterations)[0] - expected).max() / scale
     assert error <= 2 * plain_error + 1e-6, (error, plain_error)
 
 
-@pytest.mark.parametrize("iterations", [None, 2])
-def test_float32_exact_gradient_with_many_channels_and_near_pairs(iterations):
+@pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (2, False)])
+def test_float32_exact_gradient_with_many_channels_and_near_pairs(iterations, keep):
     # K = 96 makes the float32 GEMM's rounding visible; a smooth background (neighbours close),
     # a bright object and exact duplicates put pairs in every tier.
     rng = np.random.default_rng(5)
@@ -277,7 +289,8 @@ def test_float32_exact_gradient_with_many_channels_and_near_pairs(iterations):
     features = torch.from_numpy(u.astype(np.float32))
     grad_coupled = torch.from_numpy(rng.standard_normal(u.shape).astype(np.float32))
     x = features.clone().requires_grad_()
-    spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
+    with distances_kept(keep):
+        spn.soft_proposal(x, iterations=iterations, detach=False)[0].backward(grad_coupled)
     plain = plain_float32_gradient(features, grad_coupled, iterations)
     for image in range(2):
         expected = R.soft_proposal_vjp(
