@@ -5,7 +5,8 @@ the absolute times, are what count):
 
 * stationary forward at least 1.5x faster than plain cdist at (64, 512, 14, 14) and
   (16, 512, 28, 28), 2x at (16, 512, 64, 64);
-* forward + backward at most 1.2x the forward with detach=True, 2.5x with detach=False;
+* forward + backward at most 1.2x the forward with detach=True, 2.5x with detach=False (beside
+  it, the floor: the forward plus the one product C V that any exact gradient needs, alone);
 * SP at most 5% of a `small_sp` training step on 64 x 64 images (small_cam for comparison);
 * extra memory O(B n K + one block) in the stationary mode; the k-step mode refuses a D over
   spn.graph.TRANSFER_BYTES.
@@ -17,7 +18,10 @@ What is timed, per case (B, K, H, W), float32 features torch.randn(...).relu() (
   kernel (made once, outside the timing, as a module buffer would be), degrees, M = deg / sum,
   V = U * M; M under torch.no_grad for detach=True, autograd through everything for detach=False.
 
-Passes: forward (no gradient), forward + backward of V with detach=True, and with detach=False.
+Passes: forward (no gradient), forward + backward of V with detach=True, and with detach=False;
+and ``floor``: spn's forward followed by `product_floor`, the product C V (n^2 K multiply-adds)
+that the exact gradient cannot avoid, by itself, with a dense C: what forward + backward would
+cost if the backward were that product and nothing else.
 Every timing is the median over interleaved rounds (each round times every implementation and
 pass once, in the same order), after a warm-up; ratios are ratios of those medians.
 
@@ -184,6 +188,25 @@ def passes(u: torch.Tensor, kernel: torch.Tensor, grad: torch.Tensor) -> dict:
     }
 
 
+def product_floor(u: torch.Tensor):
+    """The product that any exact gradient needs, alone: (C V)_a = sum_b C_ab v_b with C dense
+    (n x n per image), n^2 K multiply-adds, as one batched GEMM per chunk of images (C random,
+    made once, outside the timing). The forward's distances take half as many (the upper
+    triangle of V^T V), so forward + this product bounds what forward + backward can cost."""
+    batch, channels, height, width = u.shape
+    n = height * width
+    chunk = max(1, min(batch, (1 << 26) // (n * n)))  # C of at most 64M elements
+    coefficients = torch.rand(chunk, n, n, generator=torch.Generator().manual_seed(2))
+    vectors = u.reshape(batch, channels, n)
+
+    def run():
+        for start in range(0, batch, chunk):
+            part = vectors[start : start + chunk]
+            torch.bmm(part, coefficients[: part.shape[0]])
+
+    return run
+
+
 def interleaved(functions: dict, rounds: int) -> dict:
     for function in functions.values():
         function()  # warm-up
@@ -244,7 +267,15 @@ def stationary_case(key: str, rounds: int, memory: bool) -> dict:
     kernel = paper_kernel(shape[2], shape[3], spn.default_epsilon(shape[2], shape[3]))
     grad = torch.randn(*shape)
     record = {"shape": list(shape), "check": check(key, u, kernel)}
-    timed = interleaved(passes(u, kernel, grad), rounds)
+    functions = passes(u, kernel, grad)
+    spn_forward, product = functions[("spn", "forward")], product_floor(u)
+
+    def floor():
+        spn_forward()
+        product()
+
+    functions[("floor", "spn forward + the product C V alone")] = floor
+    timed = interleaved(functions, rounds)
     median = {name: value["median"] for name, value in timed.items()}
     forward = median[("spn", "forward")]
     record["seconds"] = {f"{impl} | {pass_}": value for (impl, pass_), value in timed.items()}
@@ -252,6 +283,8 @@ def stationary_case(key: str, rounds: int, memory: bool) -> dict:
         "plain-cdist forward / spn forward": median[("plain-cdist", "forward")] / forward,
         "spn fwd+bwd detach=True / spn forward": median[("spn", "forward+backward detach=True")] / forward,
         "spn fwd+bwd detach=False / spn forward": median[("spn", "forward+backward detach=False")] / forward,
+        "floor: (spn forward + C V alone) / spn forward": median[("floor", "spn forward + the product C V alone")]
+        / forward,
         "plain-cdist fwd+bwd detach=True / spn fwd+bwd detach=True": median[
             ("plain-cdist", "forward+backward detach=True")
         ]
@@ -262,7 +295,9 @@ def stationary_case(key: str, rounds: int, memory: bool) -> dict:
         / median[("spn", "forward+backward detach=False")],
     }
     if memory:
-        record["peak_extra_bytes"] = {f"{impl} | {pass_}": peak_memory(shape, impl, pass_) for impl, pass_ in timed}
+        record["peak_extra_bytes"] = {
+            f"{impl} | {pass_}": peak_memory(shape, impl, pass_) for impl, pass_ in timed if impl != "floor"
+        }
     return record
 
 
