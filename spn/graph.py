@@ -895,7 +895,9 @@ def degrees(features: torch.Tensor, epsilon: float) -> torch.Tensor:
     """
     if _needs_dense(features):
         return _dense_degrees(features, epsilon)
-    if torch.is_grad_enabled() and features.requires_grad and keeps_distances(features.shape):
+    # (an exported program has no backward: nothing to keep for)
+    gradient = torch.is_grad_enabled() and features.requires_grad and not torch.compiler.is_exporting()
+    if gradient and keeps_distances(features.shape):
         return _degrees_keeping_op(features, float(epsilon))[0]
     return _degrees_op(features, float(epsilon))
 

@@ -77,6 +77,15 @@ def test_export_save_load_round_trip(options):
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-8)
 
 
+def test_export_keeps_no_distances_for_a_backward_it_does_not_have():
+    # features that require grad (a conv's output) at a size where training keeps the distances
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 1), spn.SoftProposal(detach=False))
+    x = features_of(2, 3, 3, 3, seed=20, dtype=torch.float32)
+    assert graph.keeps_distances((2, 16, 3, 3))
+    targets = {str(node.target) for node in torch.export.export(model, (x,)).graph.nodes}
+    assert "spn.degrees.default" in targets and "spn.degrees_keeping.default" not in targets, targets
+
+
 def test_export_under_autocast_round_trip():
     x = features_of(2, 4, 5, 6, seed=5, dtype=torch.float32)
     model = ProposalOnly()
