@@ -381,6 +381,9 @@ def main(argv=None) -> int:
         "torch": torch.__version__,
         "rounds": args.rounds,
         "load_average_at_start": list(__import__("os").getloadavg()),
+        # glibc's allocator settings, if any: with the defaults, large tensors are fresh mmaps whose
+        # pages the kernel zeroes on first touch (see docs/soft_proposal.md section 6)
+        "malloc_environment": {k: v for k, v in __import__("os").environ.items() if k.startswith("MALLOC_")},
         "hard_inputs_relative_error_of_M": check_on_hard_data(),
         "cases": {},
     }
