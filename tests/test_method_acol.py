@@ -5,16 +5,13 @@ harness (train, evaluate, resume)."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from spn.__main__ import main as spn_main
-from spn.harness.checkpoint import load_checkpoint
+from harness_checks import round_trip
 from spn.harness.config import ConfigError, RunConfig
 from spn.methods import MethodError, Step, get_method
 from spn.methods.acol import ACoL, ACoLHead, ACoLOutput, acol_loss, erase_features, normalize_maps
@@ -265,32 +262,8 @@ def test_head_takes_the_last_of_a_list_of_levels():
 
 # ------------------------------------------------------------------ harness
 
-def train_args(data: Path, out: Path, epochs: int) -> list[str]:
-    return [
-        "train", "--dataset", "digits", "--data", str(data), "--model", "small_cam", "--method", "acol",
-        "--method-option", "num_maps=8", "--method-option", "delta=0.7", "--epochs", str(epochs),
-        "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(out),
-    ]  # fmt: skip
-
 
 def test_train_evaluate_and_resume_through_the_harness(digits, tmp_path):
-    run = tmp_path / "run"
-    assert spn_main(train_args(digits, run, epochs=1)) == 0
-    assert spn_main([*train_args(digits, run, epochs=2), "--resume"]) == 0
-    whole = tmp_path / "whole"
-    assert spn_main(train_args(digits, whole, epochs=2)) == 0
-    resumed, straight = load_checkpoint(run / "checkpoint.pt"), load_checkpoint(whole / "checkpoint.pt")
-    assert resumed["epoch"] == 2
-    assert any(key.startswith("head.classifier_b.") for key in resumed["model"])
-    for key, value in straight["model"].items():
-        torch.testing.assert_close(resumed["model"][key], value, msg=key)
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert [line["epoch"] for line in lines] == [1, 2]
+    lines, state = round_trip(digits, tmp_path, "acol", "--method-option", "num_maps=8", "--method-option", "delta=0.7")
+    assert any(key.startswith("head.classifier_b.") for key in state)
     assert all(line["loss"] == pytest.approx(line["loss_cls_a"] + line["loss_cls_b"]) for line in lines)
-
-    out = tmp_path / "eval.json"
-    assert spn_main(["evaluate", "--run", str(run), "--split", "test", "--json", str(out), "--interval", "0.05"]) == 0
-    results = json.loads(out.read_text())
-    assert results["method"] == "acol"
-    for key in ("top1_cls", "max_box_acc_v2", "gt_known_loc", "pxap", "pointing_game"):
-        assert 0.0 <= results[key] <= 1.0, key

@@ -3,16 +3,13 @@ properties, option checks, and a training run through the harness (train, evalua
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from spn.__main__ import main as spn_main
-from spn.harness.checkpoint import load_checkpoint
+from harness_checks import round_trip
 from spn.methods import MethodError, Step, get_method
 from spn.methods.i2c import (
     I2C,
@@ -344,35 +341,10 @@ def test_sampler_errors():
 
 # ---------------------------------------------------------------- the harness
 
-def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
-    return spn_main([
-        "train", "--dataset", "digits", "--data", str(data), "--model", "small_cam", "--method", "i2c",
-        "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(out),
-        *extra,
-    ])  # fmt: skip
-
 
 def test_trains_evaluates_and_resumes(digits, tmp_path):
-    whole = tmp_path / "whole"
-    assert _train(digits, whole, 2) == 0
-    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    lines, state = round_trip(digits, tmp_path, "i2c")
     assert [line["images"] for line in lines] == [40, 40]  # 20 pairs, 5 batches of 4 pairs
     assert {"loss_cls", "loss_scc", "loss_gcc"} <= set(lines[-1])
     assert all(math.isfinite(line["loss"]) for line in lines)
-    state = load_checkpoint(whole / "checkpoint.pt")["model"]
     assert state["head.counts"].sum() > 0 and state["head.centres"].abs().sum() > 0
-
-    out = tmp_path / "eval.json"
-    assert spn_main(["evaluate", "--run", str(whole), "--split", "test", "--json", str(out), "--interval", "0.05"]) == 0
-    result = json.loads(out.read_text())
-    assert result["method"] == "i2c"
-    for key in ("top1_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pxap"):
-        assert 0.0 <= result[key] <= 1.0, key
-
-    part = tmp_path / "part"
-    assert _train(digits, part, 1) == 0
-    assert _train(digits, part, 2, "--resume") == 0
-    resumed = load_checkpoint(part / "checkpoint.pt")["model"]
-    assert set(resumed) == set(state)
-    for key in state:
-        torch.testing.assert_close(resumed[key], state[key], msg=key)

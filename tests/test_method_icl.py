@@ -4,15 +4,13 @@ option checks; a training run through the harness (train, evaluate, resume)."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
 
-from spn.__main__ import main as spn_main
-from spn.harness.checkpoint import load_checkpoint
+from harness_checks import round_trip
 from spn.methods import MethodError, Step, get_method
 from spn.methods.icl import (
     ICL,
@@ -285,34 +283,10 @@ def test_defaults_are_documented_choices():
 
 # ---------------------------------------------------------------- the harness
 
-def _train(data: Path, out: Path, epochs: int, *extra: str) -> int:
-    return spn_main([
-        "train", "--dataset", "digits", "--data", str(data), "--model", "small_cam", "--method", "icl",
-        "--epochs", str(epochs), "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(out),
-        *extra,
-    ])  # fmt: skip
-
 
 def test_trains_evaluates_and_resumes(digits, tmp_path):
-    whole = tmp_path / "whole"
-    assert _train(digits, whole, 2) == 0
-    lines = [json.loads(line) for line in (whole / "metrics.jsonl").read_text().splitlines()]
+    lines, state = round_trip(digits, tmp_path, "icl")
     assert [line["images"] for line in lines] == [40, 40]
     assert {"loss_cls", "loss_cal", "loss_fcl"} <= set(lines[-1])
     assert all(math.isfinite(line["loss"]) for line in lines)
-    state = load_checkpoint(whole / "checkpoint.pt")["model"]
     assert any(key.startswith("head.blocks.0.") for key in state) and "head.projection.weight" in state
-
-    out = tmp_path / "eval.json"
-    assert spn_main(["evaluate", "--run", str(whole), "--split", "test", "--json", str(out), "--interval", "0.05"]) == 0
-    result = json.loads(out.read_text())
-    assert result["method"] == "icl"
-    for key in ("top1_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pxap"):
-        assert 0.0 <= result[key] <= 1.0, key
-
-    part = tmp_path / "part"
-    assert _train(digits, part, 1) == 0
-    assert _train(digits, part, 2, "--resume") == 0
-    resumed = load_checkpoint(part / "checkpoint.pt")["model"]
-    for key in state:
-        torch.testing.assert_close(resumed[key], state[key], msg=key)
