@@ -52,6 +52,7 @@ __all__ = [
     "TRANSFER_BYTES",
     "degrees",
     "distances",
+    "keeps_distances",
     "spatial_kernel",
     "transfer_matrix",
     "unit_scale",
