@@ -873,6 +873,16 @@ _distances_backward_op.register_vmap(_distances_backward_vmap)
 # ----------------------------------------------------------------------------- entry points
 
 
+def _requires_grad(tensor: torch.Tensor) -> bool:
+    """tensor.requires_grad, seen through vmap: a BatchedTensor reports False even when the tensor
+    it wraps requires grad (then the operators' vmap rules run under autograd)."""
+    from torch._C._functorch import get_unwrapped, is_batchedtensor
+
+    while is_batchedtensor(tensor):
+        tensor = get_unwrapped(tensor)
+    return tensor.requires_grad
+
+
 def _needs_dense(features: torch.Tensor) -> bool:
     """True under torch.func's grad or jvp transforms and under forward-mode AD (the operators' autograd
     rules do not reach there); vmap alone uses the operators' vmap rules."""
@@ -897,7 +907,7 @@ def degrees(features: torch.Tensor, epsilon: float) -> torch.Tensor:
     if _needs_dense(features):
         return _dense_degrees(features, epsilon)
     # (an exported program has no backward: nothing to keep for)
-    gradient = torch.is_grad_enabled() and features.requires_grad and not torch.compiler.is_exporting()
+    gradient = torch.is_grad_enabled() and _requires_grad(features) and not torch.compiler.is_exporting()
     if gradient and keeps_distances(features.shape):
         return _degrees_keeping_op(features, float(epsilon))[0]
     return _degrees_op(features, float(epsilon))
@@ -932,11 +942,9 @@ def transfer_matrix(features: torch.Tensor, epsilon: float) -> torch.Tensor:
         )
     weights = distances(features)
     kernel = spatial_kernel(height, width, epsilon, device=features.device, dtype=weights.dtype)
-    # In place only when no gradient can flow: under vmap a tensor reports requires_grad=False even
-    # when the tensor it wraps requires it (the in-place product then broke the saved distances).
-    in_place = not (
-        torch.is_grad_enabled() and (weights.requires_grad or torch._C._functorch.is_batchedtensor(weights))
-    )
+    # In place only when no gradient can flow (under vmap, .requires_grad alone said False and the
+    # in-place product broke the distances saved for the backward)
+    in_place = not (torch.is_grad_enabled() and _requires_grad(weights))
     weights = weights.mul_(kernel) if in_place else weights * kernel
     column_sums = weights.sum(dim=1, keepdim=True)
     # `== 0`, not `> 0`: a NaN column must stay NaN, not turn uniform.

@@ -180,14 +180,18 @@ def test_vmap_equals_a_loop(iterations):
 
 
 @pytest.mark.parametrize("iterations, keep", [(None, True), (None, False), (3, False)])
-def test_vmap_then_backward_equals_a_loop(iterations, keep):
+def test_vmap_then_backward_equals_a_loop(iterations, keep, monkeypatch):
     # reverse mode through the operators' vmap rules (the kept distances fold into the batch too)
     stacked = features_of(3, 2, 3, 4, 5, seed=16)
     g = features_of(3, 2, 4, 5, seed=17)
     x = stacked.clone().requires_grad_()
     y = stacked.clone().requires_grad_()
+    kept_calls = []
+    original = graph._degrees_keeping_op
+    monkeypatch.setattr(graph, "_degrees_keeping_op", lambda *args: kept_calls.append(1) or original(*args))
     with distances_kept(keep):
         mapped = torch.func.vmap(lambda t: spn.soft_proposal(t, iterations=iterations, detach=False)[1])(x)
+        assert bool(kept_calls) == (keep and iterations is None)  # a BatchedTensor hides requires_grad
         (mapped * g).sum().backward()
         looped = torch.stack([spn.soft_proposal(t, iterations=iterations, detach=False)[1] for t in y])
         (looped * g).sum().backward()
