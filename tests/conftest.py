@@ -1,6 +1,17 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# torch.compile's on-disk caches (Inductor's and AOTAutograd's, /tmp/torchinductor_$USER by
+# default) are keyed on the traced graph, which names a custom operator but not its schema:
+# after a change to spn's operators a warm cache from an earlier checkout replays stale code.
+# Each test session compiles into its own folder (unless one is set).
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="spn-tests-inductor-")
+    atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], ignore_errors=True)
 
 # "ci" keeps the whole CPU suite within minutes on 2 cores; "thorough" is for a long local run.
 settings.register_profile("ci", max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
