@@ -566,10 +566,10 @@ def _degrees_backward_impl(
         # their rows (add_recomputed gives those rows' side), not in their columns, so the
         # matrix is not symmetric there, and it is row a, not column a, that a's gradient reads.
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
-        exacts = []
+        exacts, minus_g = [], -g
         for rows, distances in _kept_strips(prepared, kept, images):
             part = negated[:, rows, rows.start :]
-            _, exact = _degree_coefficients(prepared, -g, rows, distances, epsilon, out=part)
+            _, exact = _degree_coefficients(prepared, minus_g, rows, distances, epsilon, out=part)
             if exact is not None:
                 exacts.append((rows, (exact[0].neg_(), exact[1])))
         for rows in prepared.strips():
