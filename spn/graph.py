@@ -332,14 +332,22 @@ class _Prepared:
             sums, self.centred(rows).transpose(1, 2), self.centred(slice(rows.start, self.n)), alpha=-2.0
         )
 
-    def squared_distances(self, rows: slice) -> tuple[torch.Tensor, _Rows | None]:
-        """d^2 from `rows` to rows.start..n, (B, r, w) in the input's dtype, and the recomputed rows or None."""
+    def squared_distances(
+        self, rows: slice, backward_near: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, _Rows | None]:
+        """d^2 from `rows` to rows.start..n, (B, r, w) in the input's dtype, and the recomputed rows
+        or None. With `backward_near` (B,), writes there whether each image's strip fails the
+        backward pass's test (a row may hold a pair nearer than its tau, or d = 0 off the diagonal)."""
         block = self._gemm(rows)
         r = rows.stop - rows.start
         diagonal = block[:, :, :r].diagonal(dim1=1, dim2=2)
         diagonal.fill_(math.inf)  # not a near pair; exactly 0 below
         # A row can hold a near pair only if its smallest d^2 is below tau (|v_a|^2 + max_b |v_b|^2).
-        candidates = block.amin(-1) < self._bounds()[:, rows]
+        nearest = block.amin(-1)
+        candidates = nearest < self._bounds()[:, rows]
+        if backward_near is not None:
+            # `<=`: a zero bound (the strip's vectors all equal) with d = 0 is flagged too
+            backward_near.copy_((nearest <= self._bounds(NEAR[self.dtype][1])[:, rows]).any(-1))
         if not bool(candidates.any()):
             diagonal.fill_(0.0)
             return block, None
@@ -368,24 +376,15 @@ class _Prepared:
         )
         return block, recomputed
 
-    def may_hold_near_pairs(self, rows: slice, distances: torch.Tensor) -> bool:
-        """The test of `squared_distances` on distances already known (B, r, n - rows.start): whether
-        a row of the strip may hold a pair nearer than tau (the diagonal excluded)."""
-        r = rows.stop - rows.start
-        diagonal = torch.diag(distances.new_full((r,), math.inf))
-        nearest = (distances[:, :, :r] + diagonal).amin(-1)
-        if distances.shape[-1] > r:
-            nearest = torch.minimum(nearest, distances[:, :, r:].amin(-1))
-        return bool((nearest.square() < self._bounds()[:, rows]).any())
-
-    def _bounds(self) -> torch.Tensor:
-        """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns), (B, n) in the input's dtype."""
+    def _bounds(self, tau: float | None = None) -> torch.Tensor:
+        """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns), (B, n) in the input's dtype;
+        tau is this pass's unless given."""
         if self._candidate_bounds is None:
             squares = self.squares_input
             largest = squares.flip(-1).cummax(-1).values.flip(-1)  # max over b >= a
             starts = torch.arange(self.n, device=squares.device) // self.strip * self.strip
-            self._candidate_bounds = self.tau * (squares + largest[:, starts])
-        return self._candidate_bounds
+            self._candidate_bounds = squares + largest[:, starts]
+        return self._candidate_bounds * (self.tau if tau is None else tau)
 
     def recompute_rows(self, image, row, start: int, cols: slice) -> _Rows:
         """d^2 of the rows (image, start + row) to `cols` by float64 GEMMs, nearest pairs by direct differences."""
@@ -456,64 +455,74 @@ class _Prepared:
 
 
 def _kept_layout(n: int, width: int) -> tuple[int, int]:
-    """The strip (locations) and the elements per image of the distances that the forward pass keeps
-    for the exact gradient: the upper triangle in strips, a layout that depends on the map's shape
-    only (not on the batch), so that a shape function and the vmap rule can state it."""
+    """The strip (locations) and the elements per image of what the forward pass keeps for the exact
+    gradient: L~_ab / d_ab over the upper triangle, strip by strip (0 on the diagonal), then one flag
+    per strip (1 where the backward pass must recompute the strip: see _kept_strips). The layout
+    depends on the map's shape only (not on the batch), so that a shape function and the vmap rule
+    can state it."""
     strip = _strip_rows(1, n, width)
-    return strip, sum(min(strip, n - start) * (n - start) for start in range(0, n, strip))
+    starts = range(0, n, strip)
+    return strip, sum(min(strip, n - start) * (n - start) for start in starts) + len(starts)
 
 
 def keeps_distances(shape: torch.Size | tuple[int, ...]) -> bool:
-    """Whether the exact gradient of `degrees` keeps the forward's distances (per image, about
-    n^2 / 2 + n r / 2 elements) instead of recomputing them: when they take no more memory than the
-    features themselves, n K, which keeps the extra memory O(B n K) (maps up to about 1.6 K locations)."""
+    """Whether the exact gradient of `degrees` keeps what it needs of the forward's distances (per
+    image, about n^2 / 2 + n r / 2 elements: the kernel over the distances) instead of recomputing
+    them: when that takes no more memory than the features themselves, n K, which keeps the extra
+    memory O(B n K) (maps up to about 1.6 K locations)."""
     _, channels, height, width = shape
     return height * width > 0 and _kept_layout(height * width, width)[1] <= height * width * channels
 
 
 def _kept_strips(prepared: _Prepared, kept: torch.Tensor | None, images: slice):
-    """(rows, kept distances of these rows (b, r, n - rows.start), or None without `kept`) over the strips."""
+    """(rows, kept L~/d of these rows (b, r, n - rows.start), their flags (b,)) over the strips, or
+    (rows, None, None) without `kept`. A strip is flagged when one of its rows may hold a pair
+    nearer than the backward pass's tau (or d = 0 off the diagonal): the forward's test, with the
+    backward's threshold, on the forward's smallest d^2 of each row."""
+    strips = prepared.strips()
     offset = 0
-    for rows in prepared.strips():
+    for index, rows in enumerate(strips):
         if kept is None:
-            yield rows, None
+            yield rows, None, None
             continue
-        size = (rows.stop - rows.start) * (prepared.n - rows.start)
-        yield rows, kept[images, offset : offset + size].view(-1, rows.stop - rows.start, prepared.n - rows.start)
-        offset += size
+        r, w = rows.stop - rows.start, prepared.n - rows.start
+        flag = kept.shape[1] - len(strips) + index
+        yield rows, kept[images, offset : offset + r * w].view(-1, r, w), kept[images, flag]
+        offset += r * w
 
 
 def _degrees_impl(features: torch.Tensor, epsilon: float, kept: torch.Tensor | None = None) -> torch.Tensor:
-    """deg (B, n) float64; with `kept` (B, T) also writes the distances there (see _kept_layout)."""
+    """deg (B, n) float64; with `kept` (B, T) also writes there what the exact gradient reuses (see
+    _kept_layout)."""
     batch, _, height, width = features.shape
     strip = _kept_layout(height * width, width)[0] if kept is not None else None
     deg = torch.zeros(batch, height * width, dtype=torch.float64, device=features.device)
     for images in _batches(features, strip):
         prepared = _Prepared(features[images], strip=strip)
         part = deg[images]
-        for rows, keep in _kept_strips(prepared, kept, images):
+        for rows, keep, flag in _kept_strips(prepared, kept, images):
             r = rows.stop - rows.start
-            block, _ = prepared.squared_distances(rows)
+            block, _ = prepared.squared_distances(rows, backward_near=flag)
+            kernel = prepared.kernel(rows, epsilon)
+            block.sqrt_()
             if keep is not None:
-                torch.mul(torch.sqrt(block, out=keep), prepared.kernel(rows, epsilon), out=block)
-            else:
-                block.sqrt_().mul_(prepared.kernel(rows, epsilon))
+                # L~/d, 0 on the diagonal; d = 0 elsewhere only in flagged strips, which the
+                # backward pass recomputes (their infinities are never read)
+                torch.div(kernel, block, out=keep)
+                keep[:, :, :r].diagonal(dim1=1, dim2=2).fill_(0.0)
+            block.mul_(kernel)
             part[:, rows] += block.sum(-1)
             part[:, rows.stop :] += block[:, :, r:].sum(-2)
     return deg
 
 
-def _degree_coefficients(
-    prepared: _Prepared, g: torch.Tensor, rows: slice, distances, epsilon: float, out: torch.Tensor | None = None
-):
+def _degree_coefficients(prepared: _Prepared, g: torch.Tensor, rows: slice, epsilon: float, out=None):
     """C_ab = (g_a + g_b) L_ab / d_ab (d deg_a / d d_ab = d deg_b / d d_ab = L_ab), 0 where d_ab = 0,
-    for a strip (B, r, n - rows.start), in `out` if given; distances recomputed when not given or
-    when a row of the strip may hold a near pair. Returns C and the recomputed rows (or None), whose
-    coefficients over the recomputed span are taken out of C and returned in float64 beside them."""
-    recomputed = None
-    if distances is None or prepared.may_hold_near_pairs(rows, distances):
-        block, recomputed = prepared.squared_distances(rows)
-        distances = block.sqrt_()
+    for a strip (B, r, n - rows.start), distances recomputed, in `out` if given. Returns C and the
+    recomputed rows (or None), whose coefficients over the recomputed span are taken out of C and
+    returned in float64 beside them."""
+    block, recomputed = prepared.squared_distances(rows)
+    distances = block.sqrt_()
     coefficients = torch.add(g[:, rows, None], g[:, None, rows.start :], out=out)
     coefficients.mul_(prepared.kernel(rows, epsilon))
     coefficients.div_(distances).masked_fill_(distances == 0, 0.0)
@@ -534,7 +543,7 @@ def _degrees_backward_impl(
 
     Without `kept`, strip by strip: the distances are recomputed, and each strip's products go to
     its own rows and, transposed, to the columns beyond (one strip's coefficients alive at a time).
-    With `kept` (the forward's distances, recomputed only for strips that may hold a near pair)
+    With `kept` (the forward's L~/d; strips flagged as possibly holding a near pair are recomputed)
     the whole of C is held and the gradient is one GEMM per group of images.
     """
     _, _, height, width = features.shape
@@ -547,7 +556,7 @@ def _degrees_backward_impl(
         if kept is None:
             grad, sums = prepared.new_gradient()
             for rows in prepared.strips():
-                coefficients, exact = _degree_coefficients(prepared, g, rows, None, epsilon)
+                coefficients, exact = _degree_coefficients(prepared, g, rows, epsilon)
                 if exact is not None:
                     prepared.add_recomputed(grad, exact[0], exact[1], rows, one_sided=rows.stop)
                 # The strip's own pairs appear in both orders in its first r columns; the columns
@@ -567,9 +576,12 @@ def _degrees_backward_impl(
         # matrix is not symmetric there, and it is row a, not column a, that a's gradient reads.
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
         exacts, minus_g = [], -g
-        for rows, distances in _kept_strips(prepared, kept, images):
+        for rows, ratios, flags in _kept_strips(prepared, kept, images):
             part = negated[:, rows, rows.start :]
-            _, exact = _degree_coefficients(prepared, minus_g, rows, distances, epsilon, out=part)
+            if not bool(flags.any()):  # -C_ab = -(g_a + g_b) L~_ab / d_ab
+                torch.add(minus_g[:, rows, None], minus_g[:, None, rows.start :], out=part).mul_(ratios)
+                continue
+            _, exact = _degree_coefficients(prepared, minus_g, rows, epsilon, out=part)
             if exact is not None:
                 exacts.append((rows, (exact[0].neg_(), exact[1])))
         for rows in prepared.strips():

@@ -391,9 +391,9 @@ def test_exact_gradient_reuses_the_forwards_distances_when_they_fit(monkeypatch,
     computed = []
     original = graph._Prepared.squared_distances
 
-    def counted(self, rows):
+    def counted(self, rows, **options):
         computed.append(rows)
-        return original(self, rows)
+        return original(self, rows, **options)
 
     monkeypatch.setattr(graph._Prepared, "squared_distances", counted)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(3)).relu().requires_grad_()
@@ -404,4 +404,35 @@ def test_exact_gradient_reuses_the_forwards_distances_when_they_fit(monkeypatch,
     with torch.no_grad():  # no gradient needed: nothing kept
         assert spn.soft_proposal(x, detach=False, backend="torch")[1].shape == shape[:1] + shape[2:]
     expected = R.soft_proposal_vjp(x[0].detach().double().numpy(), np.ones(shape[1:]), detach=False)
+    np.testing.assert_allclose(x.grad[0].double().numpy(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_kept_gradient_recomputes_what_the_backward_threshold_flags(monkeypatch):
+    # The forward keeps L~/d and, per strip, the backward pass's near-pair test (its tau, larger
+    # than the forward's) on the forward's own smallest d^2. A pair with rho = d^2 / (|v_a|^2 +
+    # |v_b|^2) between the two thresholds is not recomputed by the forward, but the backward must
+    # recompute it from the features, as the recomputing path does.
+    forward_tau, backward_tau, _ = graph.NEAR[torch.float32]
+    directions = torch.randn(8, 16, generator=torch.Generator().manual_seed(0))
+    directions /= directions.norm(dim=1, keepdim=True)
+    vectors = torch.cat([directions, -directions])  # mean 0: centring leaves the norms at 1
+    rho = (forward_tau * backward_tau) ** 0.5  # between the thresholds (|v_a|^2 + |v_b|^2 = 2)
+    vectors[1] = vectors[0] + (2 * rho) ** 0.5 * torch.linalg.qr(torch.stack([vectors[0], vectors[2]]).T)[0][:, 1]
+    x = vectors.T.reshape(1, 16, 4, 4).contiguous().requires_grad_()
+    recomputed = []
+    original = graph._Prepared.squared_distances
+
+    def recorded(self, rows, **options):
+        block, rows_recomputed = original(self, rows, **options)
+        recomputed.append(rows_recomputed is not None)
+        return block, rows_recomputed
+
+    monkeypatch.setattr(graph._Prepared, "squared_distances", recorded)
+    with distances_kept(True):
+        coupled, _ = spn.soft_proposal(x, detach=False, backend="torch")
+        forward = len(recomputed)
+        assert forward > 0 and not any(recomputed)  # the forward found no pair below its tau
+        coupled.sum().backward()
+    assert recomputed[forward:] == [True]  # the strip of locations 0 and 1, recomputed and near
+    expected = R.soft_proposal_vjp(x[0].detach().double().numpy(), np.ones((16, 4, 4)), detach=False)
     np.testing.assert_allclose(x.grad[0].double().numpy(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
