@@ -202,7 +202,13 @@ class _Prepared:
     x and v in float64 are made only when some row needs recomputing.
     """
 
-    def __init__(self, features: torch.Tensor, backward: bool = False, strip: int | None = None):
+    def __init__(
+        self,
+        features: torch.Tensor,
+        backward: bool = False,
+        strip: int | None = None,
+        scaled: torch.Tensor | None = None,
+    ):
         batch, channels, height, width = features.shape
         self.shape = (batch, channels, height, width)
         self.n = n = height * width
@@ -217,14 +223,18 @@ class _Prepared:
         self._centred64: tuple[torch.Tensor, torch.Tensor] | None = None
         self._kernel: torch.Tensor | None = None
         self._candidate_bounds: torch.Tensor | None = None
-        if not self._setup(scaled=False):
-            self._setup(scaled=True)
+        x = self.features
+        if scaled is not None:  # per image, whether an earlier pass (the forward) scaled it
+            scale = torch.where(scaled, unit_scale(x), 1.0)[:, None, None] if bool(scaled.any()) else None
+            self._setup(scale, check=False)
+        elif not self._setup(None, check=True):
+            self._setup(unit_scale(x)[:, None, None], check=False)
 
-    def _setup(self, scaled: bool) -> bool:
-        """Centre (and scale) the features; False if unscaled squared norms are out of SAFE_SQUARES."""
+    def _setup(self, scale: torch.Tensor | None, check: bool) -> bool:
+        """Centre (and scale) the features; False if `check` and the unscaled squared norms are out
+        of SAFE_SQUARES."""
         batch, channels, n = self.features.shape
         x = self.features
-        scale = unit_scale(x)[:, None, None] if scaled else None
         self.scale: torch.Tensor | None = scale
         # The centre, (B, K, 1): per channel, the mean of at most CENTRE_SAMPLES locations (any
         # centre inside the data does; a median, which would sit in a background's group of
@@ -239,7 +249,7 @@ class _Prepared:
         else:
             torch.sub(x, self.centre, out=centred)
         squares = _squared_norms(centred)
-        if not scaled:
+        if check:
             low, high = SAFE_SQUARES[self.dtype]
             peak = squares.amax(-1)
             # NaN, or 0 (a constant image, or squares lost to underflow): scaled, to be sure.
@@ -457,12 +467,12 @@ class _Prepared:
 def _kept_layout(n: int, width: int) -> tuple[int, int]:
     """The strip (locations) and the elements per image of what the forward pass keeps for the exact
     gradient: L~_ab / d_ab over the upper triangle, strip by strip (0 on the diagonal), then one flag
-    per strip (1 where the backward pass must recompute the strip: see _kept_strips). The layout
-    depends on the map's shape only (not on the batch), so that a shape function and the vmap rule
-    can state it."""
+    per strip (1 where the backward pass must recompute the strip: see _kept_strips), then 1 if the
+    forward scaled the image (see _Prepared), else 0. The layout depends on the map's shape only
+    (not on the batch), so that a shape function and the vmap rule can state it."""
     strip = _strip_rows(1, n, width)
     starts = range(0, n, strip)
-    return strip, sum(min(strip, n - start) * (n - start) for start in starts) + len(starts)
+    return strip, sum(min(strip, n - start) * (n - start) for start in starts) + len(starts) + 1
 
 
 def keeps_distances(shape: torch.Size | tuple[int, ...]) -> bool:
@@ -486,7 +496,7 @@ def _kept_strips(prepared: _Prepared, kept: torch.Tensor | None, images: slice):
             yield rows, None, None
             continue
         r, w = rows.stop - rows.start, prepared.n - rows.start
-        flag = kept.shape[1] - len(strips) + index
+        flag = kept.shape[1] - 1 - len(strips) + index
         yield rows, kept[images, offset : offset + r * w].view(-1, r, w), kept[images, flag]
         offset += r * w
 
@@ -500,6 +510,8 @@ def _degrees_impl(features: torch.Tensor, epsilon: float, kept: torch.Tensor | N
     for images in _batches(features, strip):
         prepared = _Prepared(features[images], strip=strip)
         part = deg[images]
+        if kept is not None:
+            kept[images, -1] = 0.0 if prepared.scale is None else 1.0
         for rows, keep, flag in _kept_strips(prepared, kept, images):
             r = rows.stop - rows.start
             block, _ = prepared.squared_distances(rows, backward_near=flag)
@@ -543,39 +555,55 @@ def _degrees_backward_impl(
 
     Without `kept`, strip by strip: the distances are recomputed, and each strip's products go to
     its own rows and, transposed, to the columns beyond (one strip's coefficients alive at a time).
-    With `kept` (the forward's L~/d; strips flagged as possibly holding a near pair are recomputed)
-    the whole of C is held and the gradient is one GEMM per group of images.
+    With `kept` (see _kept_layout), the whole of C for a few images at a time and one GEMM.
     """
-    _, _, height, width = features.shape
-    strip = _kept_layout(height * width, width)[0] if kept is not None else None
+    if kept is not None:
+        return _degrees_backward_kept(grad_deg, features, epsilon, kept)
     grads = []
-    for images in _batches(features, strip):
-        prepared = _Prepared(features[images], backward=True, strip=strip)
+    for images in _batches(features):
+        prepared = _Prepared(features[images], backward=True)
         g = grad_deg[images].to(prepared.dtype)
-        n = prepared.n
-        if kept is None:
-            grad, sums = prepared.new_gradient()
-            for rows in prepared.strips():
-                coefficients, exact = _degree_coefficients(prepared, g, rows, epsilon)
-                if exact is not None:
-                    prepared.add_recomputed(grad, exact[0], exact[1], rows, one_sided=rows.stop)
-                # The strip's own pairs appear in both orders in its first r columns; the columns
-                # beyond get the other side of their pairs.
-                r = rows.stop - rows.start
-                prepared.add_products(grad, sums, coefficients, rows, slice(rows.start, n))
-                prepared.add_products_transposed(grad, sums, coefficients[:, :, r:], rows, slice(rows.stop, n))
-            grads.append(prepared.to_features(grad, sums))
-            continue
-        # The whole matrix at once, negated, with the coefficients' row sums on its diagonal:
-        # sum_b C_ab (v_a - v_b) = sum_b (S_a delta_ab - C_ab) v_b, one GEMM v (S - C)^T per group,
-        # which ran 1.4 to 2 times as fast as the strips' products (2 CPU cores). Its upper triangle is
-        # computed strip by strip, then mirrored (b n^2 elements: at most ~1.6 times the
-        # features', as n <~ 1.6 K whenever the distances are kept). Row a holds exactly the
-        # pairs that a's side takes from the products: the recomputed rows' pairs are zero in
-        # their rows (add_recomputed gives those rows' side), not in their columns, so the
-        # matrix is not symmetric there, and it is row a, not column a, that a's gradient reads.
+        grad, sums = prepared.new_gradient()
+        for rows in prepared.strips():
+            coefficients, exact = _degree_coefficients(prepared, g, rows, epsilon)
+            if exact is not None:
+                prepared.add_recomputed(grad, exact[0], exact[1], rows, one_sided=rows.stop)
+            # The strip's own pairs appear in both orders in its first r columns; the columns
+            # beyond get the other side of their pairs.
+            r = rows.stop - rows.start
+            prepared.add_products(grad, sums, coefficients, rows, slice(rows.start, prepared.n))
+            prepared.add_products_transposed(grad, sums, coefficients[:, :, r:], rows, slice(rows.stop, prepared.n))
+        grads.append(prepared.to_features(grad, sums))
+    return torch.cat(grads) if len(grads) > 1 else grads[0]
+
+
+# Elements (centred features and C) of the group of images that the kept gradient takes at a
+# time: small enough that its temporaries come back from the allocator already mapped (fresh
+# pages, zeroed by the kernel, cost as much as a pass over them), large enough for few launches.
+_KEPT_GROUP_ELEMENTS = 1 << 22
+
+
+def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tensor) -> torch.Tensor:
+    """The gradient with the forward's L~/d: for a few images at a time, the whole matrix, negated,
+    with the coefficients' row sums on its diagonal: sum_b C_ab (v_a - v_b) = sum_b (S_a delta_ab -
+    C_ab) v_b, one GEMM v (S - C)^T into the gradient, which ran 1.4 to 2 times as fast as the
+    strips' products (2 CPU cores). Its upper triangle is made strip by strip, then mirrored.
+
+    Row a holds exactly the pairs that a's side takes from the product: the recomputed rows'
+    pairs are zero in their rows (add_recomputed gives those rows' side), not in their columns, so
+    the matrix is not symmetric there, and it is row a, not column a, that a's gradient reads.
+    """
+    batch, channels, height, width = features.shape
+    n = height * width
+    strip = _kept_layout(n, width)[0]
+    grad = features.new_empty(batch, channels, n)
+    size = max(1, _KEPT_GROUP_ELEMENTS // (n * (channels + n)))
+    for start in range(0, batch, size):
+        images = slice(start, min(batch, start + size))
+        prepared = _Prepared(features[images], backward=True, strip=strip, scaled=kept[images, -1] != 0)
+        minus_g = -grad_deg[images].to(prepared.dtype)
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
-        exacts, minus_g = [], -g
+        exacts = []
         for rows, ratios, flags in _kept_strips(prepared, kept, images):
             part = negated[:, rows, rows.start :]
             if not bool(flags.any()):  # -C_ab = -(g_a + g_b) L~_ab / d_ab
@@ -588,13 +616,13 @@ def _degrees_backward_impl(
             negated[:, rows.stop :, rows] = negated[:, rows, rows.stop :].transpose(1, 2)
         diagonal = negated.diagonal(dim1=1, dim2=2)
         diagonal.copy_(negated.sum(-1).neg_())  # the diagonal held 0 (d_aa = 0): S_a = -sum_b (-C_ab)
-        grad = torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2))
+        out = grad[images]
+        torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2), out=out)
         for rows, (exact_coefficients, recomputed) in exacts:
-            prepared.add_recomputed(grad, exact_coefficients, recomputed, rows, one_sided=rows.stop)
+            prepared.add_recomputed(out, exact_coefficients, recomputed, rows, one_sided=rows.stop)
         if prepared.scale is not None:
-            grad.mul_(prepared.scale)
-        grads.append(grad.view(prepared.shape))
-    return torch.cat(grads) if len(grads) > 1 else grads[0]
+            out.mul_(prepared.scale)
+    return grad.view(features.shape)
 
 
 def _distances_impl(features: torch.Tensor) -> torch.Tensor:

@@ -326,3 +326,22 @@ def test_create_graph_uses_the_units_of_the_forward_that_kept_its_distances(monk
     for image in range(2):
         expected = R.soft_proposal_vjp(u[image].numpy(), g[image].numpy(), detach=False)
         np.testing.assert_allclose(grad[image].detach().numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_kept_gradient_uses_the_forwards_units_whatever_its_grouping(monkeypatch):
+    # The forward scales a whole group of images when one of them needs it, and keeps, per image,
+    # whether it did; the kept backward takes images in its own, smaller groups (here one at a
+    # time), so it must read that, not decide again: alone, the second image (max |u| = 3) would
+    # not be scaled, and its gradient would be off by the square of 2^-2.
+    monkeypatch.setattr(graph, "_KEPT_GROUP_ELEMENTS", 1)
+    u = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(20))
+    u[1] *= 3.0 / u[1].abs().max()
+    g = torch.randn(2, 3, 3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(21))
+    assert [s.stop - s.start for s in graph._batches(u, graph._kept_layout(12, 4)[0])] == [2]
+    x = (u * torch.tensor([2.0**600, 1.0], dtype=torch.float64)[:, None, None, None]).requires_grad_()
+    with distances_kept(True):
+        coupled, _ = spn.soft_proposal(x, detach=False)
+        (grad,) = torch.autograd.grad(coupled, x, g)
+    for image in range(2):
+        expected = R.soft_proposal_vjp(u[image].numpy(), g[image].numpy(), detach=False)
+        np.testing.assert_allclose(grad[image].numpy(), expected, rtol=1e-9, atol=1e-12)
