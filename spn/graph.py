@@ -579,7 +579,8 @@ def _degrees_backward_impl(
 
 # Elements (centred features and C) of the group of images that the kept gradient takes at a
 # time: small enough that its temporaries come back from the allocator already mapped (fresh
-# pages, zeroed by the kernel, cost as much as a pass over them), large enough for few launches.
+# pages, zeroed by the kernel, cost as much as a pass over them), large enough for few launches:
+# 2^22 timed best of 2^19..2^23 at (64, 512, 14, 14) and (16, 512, 28, 28) on 2 CPU cores.
 _KEPT_GROUP_ELEMENTS = 1 << 22
 
 
