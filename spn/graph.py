@@ -248,16 +248,18 @@ class _Prepared:
             torch.addcmul(-self.centre, x, scale, out=centred)
         else:
             torch.sub(x, self.centre, out=centred)
-        squares = _squared_norms(centred)
+        self._squares: torch.Tensor | None = None
+        self._squares64: torch.Tensor | None = None
+        self.right = None
+        if not (check or self.augmented):
+            return True  # the squares are made on first use (a kept gradient may not need them)
+        squares = self._squares = _squared_norms(centred)
         if check:
             low, high = SAFE_SQUARES[self.dtype]
             peak = squares.amax(-1)
             # NaN, or 0 (a constant image, or squares lost to underflow): scaled, to be sure.
             if not bool(((peak <= high) & (peak >= low)).all()):
                 return False
-        self.squares = squares.to(torch.float64)
-        self.squares_input = squares
-        self.right = None
         if self.augmented:
             self.left[:, channels] = squares
             self.left[:, channels + 1] = 1.0
@@ -268,6 +270,20 @@ class _Prepared:
         return True
 
     # -- pieces
+
+    @property
+    def squares_input(self) -> torch.Tensor:
+        """|v|^2 (B, n) in the input's dtype."""
+        if self._squares is None:
+            self._squares = _squared_norms(self.centred(slice(0, self.n)))
+        return self._squares
+
+    @property
+    def squares(self) -> torch.Tensor:
+        """|v|^2 (B, n) in float64."""
+        if self._squares64 is None:
+            self._squares64 = self.squares_input.to(torch.float64)
+        return self._squares64
 
     def strips(self) -> list[slice]:
         return [slice(start, min(self.n, start + self.strip)) for start in range(0, self.n, self.strip)]
@@ -313,7 +329,7 @@ class _Prepared:
     def exact_squared_distances(self, image, a, b) -> torch.Tensor:
         """sum_k (x_ak - x_bk)^2 in float64 by direct differences, for index tensors of pairs."""
         parts = [self._differences(image[c], a[c], b[c]).square().sum(-1) for c in self._chunks(image.numel())]
-        return torch.cat(parts) if parts else self.squares.new_empty(0)
+        return torch.cat(parts) if parts else torch.empty(0, dtype=torch.float64, device=self.features.device)
 
     def add_direct(self, grad, coefficients, image, a, b) -> None:
         """grad[image, :, a] += C (x_a - x_b) by direct differences, for index tensors of pairs."""
@@ -604,19 +620,22 @@ def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tenso
         prepared = _Prepared(features[images], backward=True, strip=strip, scaled=kept[images, -1] != 0)
         minus_g = -grad_deg[images].to(prepared.dtype)
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
+        sums = minus_g.new_zeros(minus_g.shape)  # -S_a = sum_b -C_ab
         exacts = []
         for rows, ratios, flags in _kept_strips(prepared, kept, images):
             part = negated[:, rows, rows.start :]
             if not bool(flags.any()):  # -C_ab = -(g_a + g_b) L~_ab / d_ab
                 torch.add(minus_g[:, rows, None], minus_g[:, None, rows.start :], out=part).mul_(ratios)
-                continue
-            _, exact = _degree_coefficients(prepared, minus_g, rows, epsilon, out=part)
-            if exact is not None:
-                exacts.append((rows, (exact[0].neg_(), exact[1])))
-        for rows in prepared.strips():
-            negated[:, rows.stop :, rows] = negated[:, rows, rows.stop :].transpose(1, 2)
-        diagonal = negated.diagonal(dim1=1, dim2=2)
-        diagonal.copy_(negated.sum(-1).neg_())  # the diagonal held 0 (d_aa = 0): S_a = -sum_b (-C_ab)
+            else:
+                _, exact = _degree_coefficients(prepared, minus_g, rows, epsilon, out=part)
+                if exact is not None:
+                    exacts.append((rows, (exact[0].neg_(), exact[1])))
+            # mirrored and summed while the strip is in cache
+            beyond = part[:, :, rows.stop - rows.start :]
+            negated[:, rows.stop :, rows] = beyond.transpose(1, 2)
+            sums[:, rows] += part.sum(-1)
+            sums[:, rows.stop :] += beyond.sum(-2)
+        negated.diagonal(dim1=1, dim2=2).copy_(sums.neg_())  # the diagonal held 0 (d_aa = 0)
         out = grad[images]
         torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2), out=out)
         for rows, (exact_coefficients, recomputed) in exacts:
