@@ -824,9 +824,9 @@ def _degrees_keeping_setup(ctx, inputs, output):
 
 def _degrees_keeping_backward(ctx, grad_deg, _grad_kept):
     features, kept = ctx.saved_tensors
-    if torch.is_grad_enabled():
-        _, _, height, width = features.shape
-        scales = _forward_scales(features, _kept_layout(height * width, width)[0])
+    if torch.is_grad_enabled():  # the forward's units, as it kept them per image (see _kept_layout)
+        with torch.no_grad():
+            scales = torch.where(kept[:, -1] != 0, unit_scale(features), 1.0)
         return _composite_vjp(lambda x: _dense_degrees(x, ctx.epsilon, scales), features, grad_deg), None
     return _degrees_backward_kept_op(grad_deg, features, kept, ctx.epsilon), None
 
