@@ -722,16 +722,16 @@ def _dense_distances(features: torch.Tensor, scales: torch.Tensor | None = None)
     return torch.where(positive, safe.sqrt(), torch.zeros_like(squared))
 
 
-def _forward_scales(features: torch.Tensor, strip: int | None = None) -> torch.Tensor:
+def _forward_scales(features: torch.Tensor) -> torch.Tensor:
     """The power of two (B,) by which the fast operators scale each image (1 where they do not):
     their outputs are in the units of the scaled features, and a composite that recomputes them
     (double backward) must use the same units, or its gradient is off by that factor. The fast
     path decides per chunk of images (`_batches`): scaled when some squared norm of the chunk is
-    outside the safe range."""
+    outside the safe range. (The forward that keeps its distances records its decision instead.)"""
     with torch.no_grad():
         parts = []
-        for images in _batches(features, strip):
-            scale = _Prepared(features[images].detach(), strip=strip).scale
+        for images in _batches(features):
+            scale = _Prepared(features[images].detach()).scale
             count = images.stop - images.start
             parts.append(features.new_ones(count) if scale is None else scale.reshape(count).to(features.dtype))
         return torch.cat(parts)
