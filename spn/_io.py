@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "write_atomic"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -42,6 +42,18 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         write(file)
         file.flush()
         os.fsync(file.fileno())
+
+
+def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporary files that `atomic_path` leaves in ``folder`` (``.<name>.*.tmp``) when
+    its process is killed between the write and the rename (kill -9, power loss); the targets
+    themselves are whole. Call it only where no other writer is at work. Returns what it removed."""
+    removed = []
+    for stale in Path(folder).glob(".*.tmp"):
+        if stale.is_file():
+            stale.unlink(missing_ok=True)
+            removed.append(stale)
+    return removed
 
 
 def _umask() -> int:

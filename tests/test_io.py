@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
-from spn._io import atomic_path, write_atomic
+from spn._io import atomic_path, remove_stale_temporaries, write_atomic
 
 
 def test_written_file_has_umask_permissions(tmp_path):
@@ -39,3 +41,25 @@ def test_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
 def test_parent_folder_is_created(tmp_path):
     write_atomic(tmp_path / "a" / "b" / "c.txt", lambda file: file.write(b"ok"))
     assert (tmp_path / "a" / "b" / "c.txt").read_bytes() == b"ok"
+
+
+def test_a_writer_killed_before_its_rename_leaves_a_temporary_that_can_be_removed(tmp_path):
+    target = tmp_path / "checkpoint.pt"
+    target.write_bytes(b"old")
+    script = (
+        "import os, sys\n"
+        "from spn._io import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as temporary:\n"
+        "    temporary.write_bytes(b'new')\n"
+        "    os._exit(9)  # killed between the write and the rename\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", script, str(target)], check=False)
+    assert finished.returncode == 9
+    assert target.read_bytes() == b"old"
+    (stale,) = tmp_path.glob(".checkpoint.pt.*.tmp")
+    others = [tmp_path / "notes.tmp", tmp_path / ".hidden"]  # not atomic_path's temporaries
+    for other in others:
+        other.write_bytes(b"keep")
+    (tmp_path / ".folder.tmp").mkdir()
+    assert remove_stale_temporaries(tmp_path) == [stale]
+    assert not stale.exists() and all(other.exists() for other in others) and (tmp_path / ".folder.tmp").is_dir()

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from spn._io import remove_stale_temporaries
 from spn.methods import METHODS, Step, parse_options
 
 from .checkpoint import CheckpointError, append_jsonl, load_checkpoint, save_checkpoint, write_json
@@ -125,6 +126,8 @@ def _train(config: RunConfig, resume: bool, context: Context) -> dict[str, Any]:
     if resume:
         state = load_checkpoint(checkpoint_path)
         _check_same_run(config, state, checkpoint_path)
+        if context.is_main:  # a run killed while writing a file leaves its temporary beside it
+            remove_stale_temporaries(out)
     elif checkpoint_path.exists():
         raise ConfigError(
             f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it, or choose another --out"
