@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,13 +45,18 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         os.fsync(file.fileno())
 
 
+# The names `atomic_path` gives its temporaries: ".<target name>.<8 characters of mkstemp>.tmp".
+_TEMPORARY = re.compile(r"\..+\.[a-z0-9_]{8}\.tmp")
+
+
 def remove_stale_temporaries(folder: str | os.PathLike[str]) -> list[Path]:
-    """Remove the temporary files that `atomic_path` leaves in ``folder`` (``.<name>.*.tmp``) when
-    its process is killed between the write and the rename (kill -9, power loss); the targets
-    themselves are whole. Call it only where no other writer is at work. Returns what it removed."""
+    """Remove the temporary files that `atomic_path` leaves in ``folder`` when its process is
+    killed between the write and the rename (kill -9, power loss; the targets themselves are
+    whole): files named as it names them, nothing else. Call it only where no other writer is at
+    work. Returns what it removed."""
     removed = []
-    for stale in Path(folder).glob(".*.tmp"):
-        if stale.is_file():
+    for stale in sorted(Path(folder).glob(".*.tmp")):
+        if stale.is_file() and _TEMPORARY.fullmatch(stale.name):
             stale.unlink(missing_ok=True)
             removed.append(stale)
     return removed

@@ -70,3 +70,24 @@ def test_low_precision_sums_in_float32(monkeypatch):
     (plain,) = torch.autograd.grad(u16 * m16.unsqueeze(1), m16, g)
     error, plain_error = ((x.double() - exact).abs().max() for x in (got, plain))
     assert error <= 2 * plain_error + 1e-2, (error, plain_error)
+
+
+def test_the_chunked_backward_runs_in_eager_reverse_mode_only(monkeypatch):
+    # Only there does it pay (and only there can it go: Dynamo cannot trace every
+    # autograd.Function); with M held constant the plain product saves M alone, not U.
+    u, m = inputs()
+    assert type(spn.couple(u, m).grad_fn).__name__ == "_CoupleBackward"
+    held = spn.couple(u, m.detach())
+    assert type(held.grad_fn).__name__ == "MulBackward0"
+    with torch.no_grad():
+        assert spn.couple(u, m).grad_fn is None
+    calls = []
+    original = coupling._Couple.apply
+    monkeypatch.setattr(coupling._Couple, "apply", lambda *args: calls.append(1) or original(*args))
+    spn.couple(u, m)
+    assert calls == [1]  # the patch is seen
+    torch.compile(spn.couple, fullgraph=True, backend="eager")(u, m).sum().backward()
+    torch.func.jacrev(spn.couple, argnums=1)(u[:1].detach(), m[:1].detach())
+    with torch.autograd.forward_ad.dual_level():
+        spn.couple(u, torch.autograd.forward_ad.make_dual(m, torch.ones_like(m)))
+    assert calls == [1]

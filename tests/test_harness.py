@@ -79,7 +79,7 @@ def test_resume_after_kill_minus_9_ends_with_the_same_weights(digits, tmp_path):
     assert 1 <= killed_at < 4
     # (a kill between an atomic write and its rename leaves the temporary beside the whole file;
     # the resumed run removes it; one is planted, in case this kill came between writes)
-    (run / ".checkpoint.pt.killed.tmp").write_bytes(b"part of a checkpoint")
+    (run / ".checkpoint.pt.k1lled_x.tmp").write_bytes(b"part of a checkpoint")
     assert spn_main([*train_args(digits, run, epochs=4), "--resume"]) == 0
     assert not [path for path in run.iterdir() if path.name.endswith(".tmp")]
     expected, got = weights(uninterrupted), weights(run)

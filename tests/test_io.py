@@ -57,7 +57,8 @@ def test_a_writer_killed_before_its_rename_leaves_a_temporary_that_can_be_remove
     assert finished.returncode == 9
     assert target.read_bytes() == b"old"
     (stale,) = tmp_path.glob(".checkpoint.pt.*.tmp")
-    others = [tmp_path / "notes.tmp", tmp_path / ".hidden"]  # not atomic_path's temporaries
+    # not atomic_path's temporaries: the user's files stay
+    others = [tmp_path / "notes.tmp", tmp_path / ".hidden", tmp_path / ".notes.tmp", tmp_path / ".my.notes.tmp"]
     for other in others:
         other.write_bytes(b"keep")
     (tmp_path / ".folder.tmp").mkdir()

@@ -111,6 +111,27 @@ def test_released_preset_under_export_and_fullgraph_compile(iterations):
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("detach", [True, False])
+def test_training_under_fullgraph_compile_and_strict_export(detach):
+    # features that need a gradient (a conv's output): the whole step compiles without a graph
+    # break, and a model with parameters exports strictly (spn.couple's eager-only Function
+    # does not reach Dynamo)
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 6, 1), torch.nn.ReLU(), spn.SoftProposal(detach=detach))
+    x = features_of(2, 3, 5, 5, seed=22, dtype=torch.float32)
+    eager_out = model(x)
+    eager_out.sum().backward()
+    eager_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    compiled_out = torch.compile(model, fullgraph=True)(x)
+    compiled_out.sum().backward()
+    torch.testing.assert_close(compiled_out, eager_out, rtol=1e-5, atol=1e-7)
+    for got, expected in zip((p.grad for p in model.parameters()), eager_grads, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-7)
+    exported = torch.export.export(model, (x,), strict=True).module()
+    torch.testing.assert_close(exported(x), eager_out, rtol=1e-5, atol=1e-7)
+
+
 def test_compile_emits_no_cache_warning():
     torch._dynamo.reset()
     x = features_of(2, 3, 6, 6, seed=7, dtype=torch.float32)

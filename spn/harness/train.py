@@ -123,11 +123,11 @@ def _train(config: RunConfig, resume: bool, context: Context) -> dict[str, Any]:
     out = Path(config.out)
     checkpoint_path = out / "checkpoint.pt"
     state: dict[str, Any] | None = None
+    if context.is_main:  # a run killed while writing a file leaves its temporary beside it
+        remove_stale_temporaries(out)
     if resume:
         state = load_checkpoint(checkpoint_path)
         _check_same_run(config, state, checkpoint_path)
-        if context.is_main:  # a run killed while writing a file leaves its temporary beside it
-            remove_stale_temporaries(out)
     elif checkpoint_path.exists():
         raise ConfigError(
             f"{out} already holds a run ({checkpoint_path}); pass --resume to continue it, or choose another --out"

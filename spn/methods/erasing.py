@@ -308,6 +308,7 @@ class AdversarialErasing(Method):
         run was in; write the erased images between steps (mining on ``device``, the run's) and
         the top-level run files."""
         self._device = device if device is not None else _device()
+        from spn._io import remove_stale_temporaries
         from spn.harness.checkpoint import load_checkpoint, save_checkpoint, write_json
         from spn.harness.config import ConfigError
         from spn.harness.train import json_config
@@ -322,6 +323,8 @@ class AdversarialErasing(Method):
                 f"{out} already holds a run ({marker}); pass --resume to continue it, or choose another --out"
             )
         _barrier()  # every process has looked before the marker appears
+        if _rank() == 0:  # the temporaries of a run killed while writing its top-level files
+            remove_stale_temporaries(out)
         if not resume and _rank() == 0:
             save_checkpoint(marker, {"epoch": 0, "ae_step": 0, "config": json_config(config)})
         for step in range(1, self.options["steps"]):  # step k + 1's images were mined after step k's epochs
