@@ -578,7 +578,7 @@ def _degrees_backward_impl(
     grads = []
     for images in _batches(features):
         prepared = _Prepared(features[images], backward=True)
-        g = grad_deg[images].to(prepared.dtype)
+        g, units = _unit_gradient(grad_deg[images], prepared.dtype)
         grad, sums = prepared.new_gradient()
         for rows in prepared.strips():
             coefficients, exact = _degree_coefficients(prepared, g, rows, epsilon)
@@ -589,8 +589,17 @@ def _degrees_backward_impl(
             r = rows.stop - rows.start
             prepared.add_products(grad, sums, coefficients, rows, slice(rows.start, prepared.n))
             prepared.add_products_transposed(grad, sums, coefficients[:, :, r:], rows, slice(rows.stop, prepared.n))
-        grads.append(prepared.to_features(grad, sums))
+        grads.append(prepared.to_features(grad, sums).mul_(units[..., None]))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
+
+
+def _unit_gradient(grad_deg: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The degrees' gradient (b, n) float64, times a power of two per image that brings its
+    largest |value| into [1/2, 1), in `dtype`, and the inverse factors (b, 1, 1) in `dtype`: the
+    gradient is linear in it, and unscaled it can be near float32's largest (features near 2^100),
+    where C = (g_a + g_b) L / d over the scaled distances overflows."""
+    scale = unit_scale(grad_deg)  # 1 for an all-zero or non-finite gradient
+    return (grad_deg * scale[:, None]).to(dtype), scale.reciprocal().to(dtype)[:, None, None]
 
 
 # Elements (centred features and C) of the group of images that the kept gradient takes at a
@@ -618,7 +627,8 @@ def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tenso
     for start in range(0, batch, size):
         images = slice(start, min(batch, start + size))
         prepared = _Prepared(features[images], backward=True, strip=strip, scaled=kept[images, -1] != 0)
-        minus_g = -grad_deg[images].to(prepared.dtype)
+        g, units = _unit_gradient(grad_deg[images], prepared.dtype)
+        minus_g = g.neg_()
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
         sums = minus_g.new_zeros(minus_g.shape)  # -S_a = sum_b -C_ab
         exacts = []
@@ -640,8 +650,7 @@ def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tenso
         torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2), out=out)
         for rows, (exact_coefficients, recomputed) in exacts:
             prepared.add_recomputed(out, exact_coefficients, recomputed, rows, one_sided=rows.stop)
-        if prepared.scale is not None:
-            out.mul_(prepared.scale)
+        out.mul_(units if prepared.scale is None else prepared.scale * units)
     return grad.view(features.shape)
 
 

@@ -331,3 +331,22 @@ def test_identical_vectors_are_exactly_zero_apart(dtype, offset):
     np.testing.assert_allclose(
         distances[~same].double().numpy(), expected, rtol=1e-6 if dtype == torch.float32 else 1e-13
     )
+
+
+@pytest.mark.parametrize("keep", [True, False])
+@pytest.mark.parametrize("exponent", [100, -100])
+def test_float32_exact_gradient_of_huge_and_tiny_clustered_features(keep, exponent):
+    # Values near 1000 times 2^100: the degrees' gradient is ~1e34 in float32 and, over the scaled
+    # distances (spread ~1e-3), C = (g_a + g_b) L / d and its row sums overflowed to NaN (review
+    # finding); the gradient is taken on a unit-scaled copy of it. V is homogeneous of degree 1,
+    # so the gradient is the unscaled map's.
+    rng = np.random.default_rng(1)
+    u = torch.tensor(rng.standard_normal((2, 1, 5, 5)) + 1e3, dtype=torch.float32)
+    g = torch.randn(u.shape, generator=torch.Generator().manual_seed(0))
+    x = (u * 2.0**exponent).requires_grad_()
+    with distances_kept(keep):
+        coupled, _ = spn.soft_proposal(x, detach=False, backend="torch")
+        coupled.backward(g)
+    for image in range(2):
+        expected = R.soft_proposal_vjp(u[image].double().numpy(), g[image].double().numpy(), detach=False)
+        np.testing.assert_allclose(x.grad[image].double().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
