@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 __all__ = ["couple", "sum_pool"]
@@ -11,13 +13,14 @@ _CHUNK_ELEMENTS = 1 << 20
 
 
 def _channel_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """sum_k a_k b_k, (B, K, H, W) x2 -> (B, H, W), a few channels at a time: no (B, K, H, W)
-    temporary, whose allocation and second pass cost more than the sum itself (a reduction of
-    a * b over K took 10.5 ms, this 2.9 ms, at (16, 512, 28, 28) on 2 CPU cores). Low-precision
-    inputs are accumulated in float32, as one sum over K would."""
+    """sum_k a_k b_k over dim 1, (B, K, ...) x2 -> (B, ...), a few channels at a time: no
+    (B, K, ...) temporary, whose allocation and second pass cost more than the sum itself (a
+    reduction of a * b over K took 10.5 ms, this 2.9 ms, at (16, 512, 28, 28) on 2 CPU cores).
+    Low-precision inputs are accumulated in float32, as one sum over K would. (Also the squared
+    norms of spn.graph.)"""
     dtype = torch.promote_types(a.dtype, b.dtype)
     total = dtype if dtype in (torch.float32, torch.float64) else torch.float32
-    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * a.shape[2] * a.shape[3]))
+    step = max(1, _CHUNK_ELEMENTS // max(1, a.shape[0] * math.prod(a.shape[2:])))
     if step >= a.shape[1]:  # one chunk (and no slice: a whole-range slice is an alias, which the
         return (a * b).sum(1, dtype=total).to(dtype)  # batching of is_grads_batched cannot take)
     out = (a[:, :step] * b[:, :step]).sum(1, dtype=total)

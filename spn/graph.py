@@ -42,6 +42,8 @@ from typing import NamedTuple
 
 import torch
 
+from .coupling import _channel_dot
+
 __all__ = [
     "BLOCK_ELEMENTS",
     "CENTRE_SAMPLES",
@@ -177,14 +179,9 @@ def _batches(features: torch.Tensor, strip: int | None = None):
 
 
 def _squared_norms(vectors: torch.Tensor) -> torch.Tensor:
-    """sum over dim 1 of vectors^2, (B, K, n) -> (B, n), a few channels at a time: no (B, K, n)
-    temporary, whose allocation (and release to the system) costs as much as the sum."""
-    batch, channels, n = vectors.shape
-    step = max(1, (1 << 20) // max(1, batch * n))
-    squares = vectors[:, :step].square().sum(1)
-    for start in range(step, channels, step):
-        squares += vectors[:, start : start + step].square().sum(1)
-    return squares
+    """sum over dim 1 of vectors^2, (B, K, n) -> (B, n), a few channels at a time (no (B, K, n)
+    temporary, whose allocation and release to the system cost as much as the sum)."""
+    return _channel_dot(vectors, vectors)
 
 
 class _Prepared:
