@@ -629,9 +629,11 @@ def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tenso
         negated = prepared.left.new_empty(prepared.shape[0], n, n)
         sums = minus_g.new_zeros(minus_g.shape)  # -S_a = sum_b -C_ab
         exacts = []
-        for rows, ratios, flags in _kept_strips(prepared, kept, images):
+        count = len(prepared.strips())  # the strips' flags, read at once (one host sync per group)
+        flagged = (kept[images, kept.shape[1] - 1 - count : kept.shape[1] - 1] != 0).any(0).tolist()
+        for (rows, ratios, _), recompute in zip(_kept_strips(prepared, kept, images), flagged, strict=True):
             part = negated[:, rows, rows.start :]
-            if not bool(flags.any()):  # -C_ab = -(g_a + g_b) L~_ab / d_ab
+            if not recompute:  # -C_ab = -(g_a + g_b) L~_ab / d_ab
                 torch.add(minus_g[:, rows, None], minus_g[:, None, rows.start :], out=part).mul_(ratios)
             else:
                 _, exact = _degree_coefficients(prepared, minus_g, rows, epsilon, out=part)
