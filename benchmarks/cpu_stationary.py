@@ -21,6 +21,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from spn._io import unused_path, write_atomic  # noqa: E402
+
 CHILD = r"""
 import json, resource, sys, time, torch
 sys.path.insert(0, {root!r})
@@ -46,7 +51,7 @@ print(json.dumps({{"seconds": seconds, "peak_bytes": peak, "extra_bytes": peak -
 
 
 def run_case(shape, backward: bool, detach: bool, repeats: int) -> dict:
-    root = str(Path(__file__).resolve().parents[1])
+    root = str(ROOT)
     runs = []
     for _ in range(repeats):
         code = CHILD.format(root=root, shape=tuple(shape), backward=backward, detach=detach)
@@ -91,9 +96,14 @@ def main(argv=None) -> int:
         "repeats": args.repeats,
         "cases": cases,
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"cpu_stationary_{record['date']}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    # by default a new file: a second run the same day does not replace the first's record
+    out = (
+        Path(args.out)
+        if args.out
+        else unused_path(Path(__file__).parent / "results" / f"cpu_stationary_{record['date']}.json")
+    )
+    data = (json.dumps(record, indent=2) + "\n").encode()
+    write_atomic(out, lambda file: file.write(data))
     print(f"wrote {out}")
     return 0
 

@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT))
 
 import spn  # noqa: E402
 from spn import reference as R  # noqa: E402
+from spn._io import unused_path, write_atomic  # noqa: E402
 
 SHAPES = {"14": (64, 512, 14, 14), "28": (16, 512, 28, 28), "64": (16, 512, 64, 64)}
 CHECKED_IMAGES = {"14": 4, "28": 2, "64": 1}
@@ -388,7 +389,12 @@ def main(argv=None) -> int:
         "cases": {},
     }
     print(json.dumps(record["hard_inputs_relative_error_of_M"], indent=1))
-    out = Path(args.out or Path(__file__).parent / "results" / f"torch_path_{record['date']}.json")
+    # by default a new file: a second run the same day does not replace the first's record
+    out = (
+        Path(args.out)
+        if args.out
+        else unused_path(Path(__file__).parent / "results" / f"torch_path_{record['date']}.json")
+    )
     for key in args.cases:
         if key in SHAPES:
             # (16, 512, 64, 64) takes ~30 s a round on 2 cores: a third of the rounds there.
@@ -405,8 +411,8 @@ def main(argv=None) -> int:
         for name, value in result.get("seconds", {}).items():
             print(f"  {name}: {value['median']:.4f} s")
     record["load_average_at_end"] = list(__import__("os").getloadavg())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    data = (json.dumps(record, indent=1, default=str) + "\n").encode()
+    write_atomic(out, lambda file: file.write(data))
     print(f"wrote {out}")
     return 0
 

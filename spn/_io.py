@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
 
-__all__ = ["atomic_path", "remove_stale_temporaries", "write_atomic"]
+__all__ = ["atomic_path", "remove_stale_temporaries", "unused_path", "write_atomic"]
 
 
 @contextlib.contextmanager
@@ -43,6 +43,18 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[IO[bytes]], obje
         write(file)
         file.flush()
         os.fsync(file.fileno())
+
+
+def unused_path(path: str | os.PathLike[str]) -> Path:
+    """``path`` if nothing is there, else the first of ``<stem>_2<suffix>``, ``<stem>_3<suffix>``, ...
+    that is free: for records named by default (by date), so that a second run the same day
+    does not replace the first."""
+    target = Path(path)
+    number = 2
+    while target.exists() or target.is_symlink():
+        target = target.with_name(f"{Path(path).stem}_{number}{Path(path).suffix}")
+        number += 1
+    return target
 
 
 # The names `atomic_path` gives its temporaries: ".<target name>.<8 characters of mkstemp>.tmp".

@@ -80,7 +80,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from spn._io import write_atomic
+from spn._io import unused_path, write_atomic
 
 __all__ = [
     "BACKENDS",
@@ -559,7 +559,8 @@ def _main(args: argparse.Namespace) -> int:
     print(f"checked {len(plans)} backend modes on {len(cases)} cases against the float64 reference", flush=True)
 
     date = _dt.date.today().isoformat()
-    out = args.out or Path("benchmarks") / "results" / f"{date}_{_slug(device_name)}.json"
+    # by default a new file: a second run the same day does not replace the first's record
+    out = args.out or unused_path(Path("benchmarks") / "results" / f"{date}_{_slug(device_name)}.json")
     records: list[dict] = []
     overhead: list[dict] = []
     result = {

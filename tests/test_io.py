@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from spn._io import atomic_path, remove_stale_temporaries, write_atomic
+from spn._io import atomic_path, remove_stale_temporaries, unused_path, write_atomic
 
 
 def test_written_file_has_umask_permissions(tmp_path):
@@ -64,3 +64,15 @@ def test_a_writer_killed_before_its_rename_leaves_a_temporary_that_can_be_remove
     (tmp_path / ".folder.tmp").mkdir()
     assert remove_stale_temporaries(tmp_path) == [stale]
     assert not stale.exists() and all(other.exists() for other in others) and (tmp_path / ".folder.tmp").is_dir()
+
+
+def test_unused_path_never_names_an_existing_file(tmp_path):
+    # the benchmarks' default records are named by date: a second run the same day gets _2, then _3
+    record = tmp_path / "torch_path_2026-12-03.json"
+    assert unused_path(record) == record
+    record.write_text("first")
+    assert unused_path(record) == tmp_path / "torch_path_2026-12-03_2.json"
+    (tmp_path / "torch_path_2026-12-03_2.json").write_text("second")
+    (tmp_path / "torch_path_2026-12-03_3.json").symlink_to(tmp_path / "missing")  # a dangling link is taken too
+    assert unused_path(record) == tmp_path / "torch_path_2026-12-03_4.json"
+    assert record.read_text() == "first"
