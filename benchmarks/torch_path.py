@@ -23,7 +23,8 @@ and ``floor``: spn's forward followed by `product_floor`, the product C V (n^2 K
 that the exact gradient cannot avoid, by itself, with a dense C: what forward + backward would
 cost if the backward were that product and nothing else.
 Every timing is the median over interleaved rounds (each round times every implementation and
-pass once, in the same order), after a warm-up; ratios are ratios of those medians.
+pass once, in the same order), after a warm-up; ratios are ratios of those medians. Beside them,
+the quartiles of the same ratios taken round by round: their spread is this machine's noise.
 
 Before anything is timed each implementation's M is compared with the float64 NumPy reference
 (spn.reference) on the first images, and so is a plain float32 evaluation by direct differences
@@ -294,6 +295,23 @@ def stationary_case(key: str, rounds: int, memory: bool) -> dict:
             ("plain-cdist", "forward+backward detach=False")
         ]
         / median[("spn", "forward+backward detach=False")],
+    }
+    # The spread: each ratio taken within each round (both passes timed moments apart), quartiles
+    # over the rounds. On a shared machine a ratio's median moves between runs by about as much.
+    per_round = {name: value["all"] for name, value in timed.items()}
+    record["per_round_ratio_quartiles"] = {
+        name: [round(q, 3) for q in statistics.quantiles([a / b for a, b in zip(*pair, strict=True)], n=4)]
+        for name, pair in {
+            "plain-cdist forward / spn forward": (per_round[("plain-cdist", "forward")], per_round[("spn", "forward")]),
+            "spn fwd+bwd detach=True / spn forward": (
+                per_round[("spn", "forward+backward detach=True")],
+                per_round[("spn", "forward")],
+            ),
+            "spn fwd+bwd detach=False / spn forward": (
+                per_round[("spn", "forward+backward detach=False")],
+                per_round[("spn", "forward")],
+            ),
+        }.items()
     }
     if memory:
         record["peak_extra_bytes"] = {
