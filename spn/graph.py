@@ -24,9 +24,11 @@ and keeps them as accurate as direct differences:
 The backward pass splits the pairs the same way: the far pairs contribute sum_b C_ab (v_a - v_b)
 = v_a sum_b C_ab - (C v)_a through two GEMMs in the input's precision (the cancellation there is
 at most 1 / sqrt(tau)), the recomputed rows through float64 GEMMs, the nearest pairs through
-direct differences. The stationary mode never holds an n x n matrix: degrees and their gradient
-are accumulated block by block and the backward pass recomputes the blocks, so its extra memory
-is O(B n K + one block).
+direct differences. The stationary mode never holds a (B, n, n) matrix: degrees and their
+gradient are accumulated block by block, and the backward pass either recomputes the blocks or,
+for maps whose upper triangle takes no more memory than the features (keeps_distances), reuses
+what the forward kept, a few images' (n, n) coefficients at a time: extra memory O(B n K + one
+block).
 
 The numerical kernels are custom operators (``torch.ops.spn.*``): torch.compile, torch.export
 (and its save/load) and torch.jit.trace see one opaque node each, with a shape function,
