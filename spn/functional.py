@@ -7,7 +7,7 @@ from contextlib import nullcontext
 
 import torch
 
-from . import graph, stationary, walk
+from . import graph, walk
 from ._checks import check_backend, check_detach, check_features, check_walk_options
 from .coupling import couple
 from .presets import Epsilon, resolve_epsilon
@@ -115,9 +115,6 @@ def torch_soft_proposal(features, epsilon: float, iterations, tolerance: float, 
     )
     with off:
         source = compute.detach() if detach else compute
-        if iterations is None and not detach and stationary.applies(compute):
-            coupled, proposal = stationary.exact_stationary(compute, epsilon)
-            return coupled.to(features.dtype), proposal.to(features.dtype), None
         if iterations is None:
             state = walk.stationary_state(graph.degrees(source, epsilon))
         else:

@@ -606,26 +606,13 @@ def _unit_gradient(grad_deg: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.T
 # pages, zeroed by the kernel, cost as much as a pass over them), large enough for few launches:
 # 2^22 timed best of 2^19..2^23 at (64, 512, 14, 14) and (16, 512, 28, 28) on 2 CPU cores.
 _KEPT_GROUP_ELEMENTS = 1 << 22
-# The factors (powers of two) by which the kept gradient multiplies the centred vectors before
-# its GEMM; outside, it multiplies the product instead. By SAFE_SQUARES and unit_scale, the largest
-# |v| of an image lies in [2^-30 / sqrt(K), 2^30] (float32; float64: 2^+-400): within these
-# factors it stays at least 2^30 below the dtype's largest value and 2^55 above its subnormals.
-_FACTOR_RANGE = {torch.float32: (2.0**-60, 2.0**66), torch.float64: (2.0**-600, 2.0**590)}
 
 
-def _degrees_backward_kept(
-    grad_deg, features, epsilon: float, kept: torch.Tensor, out: torch.Tensor | None = None
-) -> torch.Tensor:
+def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tensor) -> torch.Tensor:
     """The gradient with the forward's L~/d: for a few images at a time, the whole matrix, negated,
     with the coefficients' row sums on its diagonal: sum_b C_ab (v_a - v_b) = sum_b (S_a delta_ab -
     C_ab) v_b, one GEMM v (S - C)^T into the gradient, which ran 1.4 to 2 times as fast as the
     strips' products (2 CPU cores). Its upper triangle is made strip by strip, then mirrored.
-    With `out` (contiguous, the features' shape and dtype), the gradient is added to it (the GEMM accumulates:
-    no gradient-sized temporary, no pass to add it) and `out` is returned.
-
-    C comes from the unit-scaled incoming gradient (_unit_gradient), the GEMM's v from the
-    (scaled) features; the factor that undoes both, a power of two per image, multiplies v
-    before the GEMM (exact within _FACTOR_RANGE), else the product.
 
     Row a holds exactly the pairs that a's side takes from the product: the recomputed rows'
     pairs are zero in their rows (add_recomputed gives those rows' side), not in their columns, so
@@ -634,8 +621,7 @@ def _degrees_backward_kept(
     batch, channels, height, width = features.shape
     n = height * width
     strip = _kept_layout(n, width)[0]
-    accumulate = out is not None
-    grad = out.view(batch, channels, n) if out is not None else features.new_empty(batch, channels, n)
+    grad = features.new_empty(batch, channels, n)
     size = max(1, _KEPT_GROUP_ELEMENTS // (n * (channels + n)))
     for start in range(0, batch, size):
         images = slice(start, min(batch, start + size))
@@ -661,24 +647,12 @@ def _degrees_backward_kept(
             sums[:, rows] += part.sum(-1)
             sums[:, rows.stop :] += beyond.sum(-2)
         negated.diagonal(dim1=1, dim2=2).copy_(sums.neg_())  # the diagonal held 0 (d_aa = 0)
-        factors = units if prepared.scale is None else prepared.scale * units  # (b, 1, 1)
-        target = grad[images]
-        vectors = prepared.centred(slice(0, n))
-        low, high = _FACTOR_RANGE[prepared.dtype]
-        if bool(((factors >= low) & (factors <= high)).all()):
-            vectors.mul_(factors)
-            if accumulate:
-                target.baddbmm_(vectors, negated.transpose(1, 2))
-            else:
-                torch.bmm(vectors, negated.transpose(1, 2), out=target)
-        elif accumulate:
-            target.addcmul_(torch.bmm(vectors, negated.transpose(1, 2)), factors)
-        else:
-            torch.mul(torch.bmm(vectors, negated.transpose(1, 2)), factors, out=target)
+        out = grad[images]
+        torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2), out=out)
         for rows, (exact_coefficients, recomputed) in exacts:
-            exact_coefficients *= factors.to(torch.float64)[recomputed.image, 0]
-            prepared.add_recomputed(target, exact_coefficients, recomputed, rows, one_sided=rows.stop)
-    return out if out is not None else grad.view(features.shape)
+            prepared.add_recomputed(out, exact_coefficients, recomputed, rows, one_sided=rows.stop)
+        out.mul_(units if prepared.scale is None else prepared.scale * units)
+    return grad.view(features.shape)
 
 
 def _distances_impl(features: torch.Tensor) -> torch.Tensor:

@@ -436,3 +436,30 @@ def test_kept_gradient_recomputes_what_the_backward_threshold_flags(monkeypatch)
     assert recomputed[forward:] == [True]  # the strip of locations 0 and 1, recomputed and near
     expected = R.soft_proposal_vjp(x[0].detach().double().numpy(), np.ones((16, 4, 4)), detach=False)
     np.testing.assert_allclose(x.grad[0].double().numpy(), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_the_proposal_is_an_input_of_the_coupled_features(keep):
+    # V = U * M with M an intermediate of the graph, as written: dL/dM seen by M's hooks and
+    # retain_grad holds the path through V, and grad(V, M) exists. (A one-node forward that
+    # returned V and M side by side, tried for speed, broke all three; whether the distances
+    # are kept must not change them.)
+    x = torch.randn(2, 40, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).relu()
+    x.requires_grad_()
+    g = torch.randn(x.shape, dtype=x.dtype, generator=torch.Generator().manual_seed(1))
+    through_v = (g * x).sum(1).detach()
+    with distances_kept(keep):
+        coupled, proposal = spn.soft_proposal(x, detach=False, backend="torch")
+        (grad_m,) = torch.autograd.grad(coupled, proposal, g, retain_graph=True)
+        torch.testing.assert_close(grad_m, through_v, rtol=1e-14, atol=1e-14)
+        proposal.retain_grad()
+        coupled.backward(g)
+        torch.testing.assert_close(proposal.grad, through_v, rtol=1e-14, atol=1e-14)
+        x.grad = None
+        coupled, proposal = spn.soft_proposal(x, detach=False, backend="torch")
+        seen = []
+        proposal.register_hook(lambda grad: seen.append(grad) or torch.zeros_like(grad))  # M held constant
+        coupled.backward(g)
+    torch.testing.assert_close(seen[0], through_v, rtol=1e-14, atol=1e-14)
+    # with M's gradient zeroed by the hook, U's gradient is that of detach=True: dV * M
+    torch.testing.assert_close(x.grad, g * proposal.detach().unsqueeze(1), rtol=1e-14, atol=1e-14)
