@@ -471,12 +471,19 @@ class _Prepared:
         sums[:, columns] += coefficients.sum(-2)
         grad[:, :, columns].baddbmm_(self.centred(rows), coefficients, alpha=-1.0)
 
-    def to_features(self, grad: torch.Tensor, sums: torch.Tensor) -> torch.Tensor:
-        """v S - (v C^T), the gradient with respect to the scaled vectors, as one for the features (B, K, H, W)."""
+    def to_features(self, grad: torch.Tensor, sums: torch.Tensor, units: torch.Tensor | None = None) -> torch.Tensor:
+        """v S - (v C^T), the gradient with respect to the scaled vectors, as one for the features (B, K, H, W);
+        times `units` too if given (float64 (B, 1, 1), powers of two: see _unit_gradient)."""
         grad.addcmul_(self.centred(slice(0, self.n)), sums[:, None, :])
-        if self.scale is not None:
-            grad.mul_(self.scale)
+        _times_powers_of_two(grad, self.factors(units))
         return grad.view(self.shape)
+
+    def factors(self, units: torch.Tensor | None = None) -> torch.Tensor | None:
+        """The scale times `units`, float64 (B, 1, 1), or None when both are 1."""
+        if self.scale is None:
+            return units
+        scale = self.scale.to(torch.float64)
+        return scale if units is None else scale * units
 
 
 def _kept_layout(n: int, width: int) -> tuple[int, int]:
@@ -588,17 +595,30 @@ def _degrees_backward_impl(
             r = rows.stop - rows.start
             prepared.add_products(grad, sums, coefficients, rows, slice(rows.start, prepared.n))
             prepared.add_products_transposed(grad, sums, coefficients[:, :, r:], rows, slice(rows.stop, prepared.n))
-        grads.append(prepared.to_features(grad, sums).mul_(units[..., None]))
+        grads.append(prepared.to_features(grad, sums, units))
     return torch.cat(grads) if len(grads) > 1 else grads[0]
 
 
 def _unit_gradient(grad_deg: torch.Tensor, dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """The degrees' gradient (b, n) float64, times a power of two per image that brings its
-    largest |value| into [1/2, 1), in `dtype`, and the inverse factors (b, 1, 1) in `dtype`: the
+    largest |value| into [1/2, 1), in `dtype`, and the inverse factors (b, 1, 1) in float64: the
     gradient is linear in it, and unscaled it can be near float32's largest (features near 2^100),
     where C = (g_a + g_b) L / d over the scaled distances overflows."""
     scale = unit_scale(grad_deg)  # 1 for an all-zero or non-finite gradient
-    return (grad_deg * scale[:, None]).to(dtype), scale.reciprocal().to(dtype)[:, None, None]
+    return (grad_deg * scale[:, None]).to(dtype), scale.reciprocal()[:, None, None]
+
+
+def _times_powers_of_two(values: torch.Tensor, factors: torch.Tensor | None) -> torch.Tensor:
+    """values *= factors, in place: powers of two, float64 (b, 1, 1), or None for 1. Exact (up to
+    the result's own overflow or underflow): in values' dtype where every factor is a normal
+    number of it, else through float64 (the scale of features near 2^-100 times the inverse unit
+    of a gradient near float32's largest can exceed float32's range: inf times 0 was NaN)."""
+    if factors is None:
+        return values
+    info = torch.finfo(values.dtype)
+    if bool(((factors >= info.tiny) & (factors <= info.max)).all()):
+        return values.mul_(factors.to(values.dtype))
+    return values.copy_(values.to(torch.float64).mul_(factors))
 
 
 # Elements (centred features and C) of the group of images that the kept gradient takes at a
@@ -651,7 +671,7 @@ def _degrees_backward_kept(grad_deg, features, epsilon: float, kept: torch.Tenso
         torch.bmm(prepared.centred(slice(0, n)), negated.transpose(1, 2), out=out)
         for rows, (exact_coefficients, recomputed) in exacts:
             prepared.add_recomputed(out, exact_coefficients, recomputed, rows, one_sided=rows.stop)
-        out.mul_(units if prepared.scale is None else prepared.scale * units)
+        _times_powers_of_two(out, prepared.factors(units))
     return grad.view(features.shape)
 
 

@@ -350,3 +350,23 @@ def test_float32_exact_gradient_of_huge_and_tiny_clustered_features(keep, expone
     for image in range(2):
         expected = R.soft_proposal_vjp(u[image].double().numpy(), g[image].double().numpy(), detach=False)
         np.testing.assert_allclose(x.grad[image].double().numpy(), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize("keep", [True, False])
+def test_float32_exact_gradient_of_tiny_features_and_a_huge_cotangent(keep):
+    # Features near 2^-29 are scaled up by the forward (by about 2^29) and a cotangent near
+    # float32's largest makes the degrees' gradient near 2^99, unit-scaled by about 2^-100: the
+    # factor that undoes both, about 2^129, is beyond float32, and the product it multiplies is
+    # 0 here (two locations: the pairs' coefficients g_a + g_b cancel), so the gradient was NaN
+    # (inf times 0) in the kept path (review finding). It is applied through float64 there.
+    generator = torch.Generator().manual_seed(0)
+    u = (torch.rand(2, 3, 1, 2, generator=generator) + 0.5) * 2.0**-29
+    g = (torch.rand(u.shape, generator=generator) * 2 - 1) * 3e38
+    x = u.clone().requires_grad_()
+    with distances_kept(keep):
+        coupled, _ = spn.soft_proposal(x, detach=False, backend="torch")
+        coupled.backward(g)
+    assert x.grad.isfinite().all()
+    for image in range(2):
+        expected = R.soft_proposal_vjp(u[image].double().numpy(), g[image].double().numpy(), detach=False)
+        np.testing.assert_allclose(x.grad[image].double().numpy(), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
