@@ -386,6 +386,19 @@ def k_step_case(rounds: int, memory: bool) -> dict:
     return record
 
 
+def _commit() -> str | None:
+    """The checkout's commit, with "+changes" when its tracked files differ from it; None outside git."""
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        return None
+    changed = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+changes" if changed else "")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["14", "28", "64", "train", "kstep"])
@@ -398,6 +411,7 @@ def main(argv=None) -> int:
         "date": datetime.date.today().isoformat(),
         "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
+        "commit": _commit(),
         "rounds": args.rounds,
         "load_average_at_start": list(__import__("os").getloadavg()),
         # glibc's allocator settings, if any: with the defaults, large tensors are fresh mmaps whose
