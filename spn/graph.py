@@ -369,10 +369,10 @@ class _Prepared:
         diagonal.fill_(math.inf)  # not a near pair; exactly 0 below
         # A row can hold a near pair only if its smallest d^2 is below tau (|v_a|^2 + max_b |v_b|^2).
         nearest = block.amin(-1)
-        candidates = nearest < self._bounds()[:, rows]
+        candidates = nearest < self._bounds(rows)
         if backward_near is not None:
             # `<=`: a zero bound (the strip's vectors all equal) with d = 0 is flagged too
-            backward_near.copy_((nearest <= self._bounds(NEAR[self.dtype][1])[:, rows]).any(-1))
+            backward_near.copy_((nearest <= self._bounds(rows, NEAR[self.dtype][1])).any(-1))
         if not bool(candidates.any()):
             diagonal.fill_(0.0)
             return block, None
@@ -401,15 +401,15 @@ class _Prepared:
         )
         return block, recomputed
 
-    def _bounds(self, tau: float | None = None) -> torch.Tensor:
-        """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns), (B, n) in the input's dtype;
-        tau is this pass's unless given."""
+    def _bounds(self, rows: slice, tau: float | None = None) -> torch.Tensor:
+        """tau (|v_a|^2 + the largest |v_b|^2 of a's strip's columns) for a in `rows`, (B, r) in the
+        input's dtype; tau is this pass's unless given. The sums are made once, for every strip."""
         if self._candidate_bounds is None:
             squares = self.squares_input
             largest = squares.flip(-1).cummax(-1).values.flip(-1)  # max over b >= a
             starts = torch.arange(self.n, device=squares.device) // self.strip * self.strip
             self._candidate_bounds = squares + largest[:, starts]
-        return self._candidate_bounds * (self.tau if tau is None else tau)
+        return self._candidate_bounds[:, rows] * (self.tau if tau is None else tau)
 
     def recompute_rows(self, image, row, start: int, cols: slice) -> _Rows:
         """d^2 of the rows (image, start + row) to `cols` by float64 GEMMs, nearest pairs by direct differences."""
