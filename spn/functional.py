@@ -78,7 +78,7 @@ def soft_proposal(
         return couple(features, proposal), proposal
     run = _select_backend(backend, features)
     coupled, proposal, converged = run(features, eps, iterations, tolerance, detach)
-    if converged is not None and tolerance > 0 and not walk.is_tracing() and not bool(converged.all()):
+    if converged is not None and tolerance > 0 and walk.can_read(converged) and not bool(converged.all()):
         failed = int((~converged).sum())
         warnings.warn(
             f"{failed} of {batch} random walks did not reach tolerance {tolerance} in {iterations} steps",
@@ -110,7 +110,7 @@ def torch_soft_proposal(features, epsilon: float, iterations, tolerance: float, 
     # only where it is on, so that exported programs carry no autocast region otherwise.
     off = (
         torch.autocast(features.device.type, enabled=False)
-        if torch.is_autocast_enabled(features.device.type)
+        if torch.amp.is_autocast_available(features.device.type) and torch.is_autocast_enabled(features.device.type)
         else nullcontext()
     )
     with off:

@@ -8,15 +8,15 @@ and the loop stops when every image is frozen. Knowing that needs the device's a
 host. On the CPU that costs nothing, so the test runs after every step; on other devices it
 runs every SYNC_EVERY steps (a frozen image does not change, so the extra steps change no
 result, they only cost time). While tracing (torch.compile, torch.export, torch.jit.trace,
-torch.func transforms, fake tensors) no data-dependent host check is made: all k steps run,
-masked, and the traced program is valid for every input.
+torch.func transforms, fake tensors) and on meta tensors no data-dependent host check is made:
+all k steps run, masked, and the traced program is valid for every input.
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["SYNC_EVERY", "is_tracing", "power_iteration", "stationary_state"]
+__all__ = ["SYNC_EVERY", "can_read", "is_tracing", "power_iteration", "stationary_state"]
 
 # Steps between two convergence checks on devices other than the CPU.
 SYNC_EVERY = 8
@@ -39,6 +39,12 @@ def is_tracing() -> bool:
     return torch._C._functorch.peek_interpreter_stack() is not None
 
 
+def can_read(tensor: torch.Tensor) -> bool:
+    """Whether the host may read `tensor`'s values: not while tracing (see is_tracing), and not
+    from a meta tensor, which has a shape and no data (shape inference on device="meta")."""
+    return tensor.device.type != "meta" and not is_tracing()
+
+
 def power_iteration(
     transfer: torch.Tensor, iterations: int, tolerance: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -54,7 +60,7 @@ def power_iteration(
             m = new / new.sum(-1, keepdim=True)
         return m, None
     active = torch.ones(batch, dtype=torch.bool, device=transfer.device)
-    may_stop = not is_tracing()
+    may_stop = can_read(transfer)
     check_every = 1 if transfer.device.type == "cpu" else SYNC_EVERY
     for step in range(iterations):
         new = torch.matmul(transfer, m.unsqueeze(-1)).squeeze(-1)

@@ -60,6 +60,20 @@ def test_inference_mode_first_then_exact_gradient_training():
         np.testing.assert_allclose(y.grad[0].numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("options", [{}, {"detach": False}, dict(spn.RELEASED), {"iterations": 3, "detach": False}])
+def test_meta_tensors_give_shapes_without_reading_data(options):
+    # Shape inference on device="meta" (a model built under torch.device("meta")): no autocast
+    # query for a device that has none, no convergence check of values that do not exist.
+    x = torch.empty(2, 8, 5, 7, device="meta", requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no ConvergenceWarning either: nothing was computed
+        coupled, proposal = spn.SoftProposal(**options)(x, return_proposal=True)
+    assert coupled.device.type == proposal.device.type == "meta"
+    assert coupled.shape == x.shape and proposal.shape == (2, 5, 7)
+    coupled.sum().backward()
+    assert x.grad.device.type == "meta" and x.grad.shape == x.shape
+
+
 # ---------------------------------------------------------------- export, compile, trace
 
 
