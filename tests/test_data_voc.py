@@ -118,6 +118,11 @@ def test_difficult_subset_by_the_ebp_rule_and_from_a_file(tmp_path):
     listing = tmp_path / "difficult.txt"
     listing.write_text("000000\t" + "\t".join("1" if c == cat else "0" for c in range(20)) + "\n")
     assert read_difficult_flags(listing)["000000"][cat] is True
+    # every image to be scored needs a line (TorchRay would count a missing one as difficult in
+    # every class, which is what a file of another split would do to every image)
+    with pytest.raises(DataError, match=r"difficult.txt: no line for 1 of the 2 images to be scored \(000001\)"):
+        read_difficult_flags(listing, ["000000", "000001"])
+    assert read_difficult_flags(listing, ["000000"])["000000"][cat] is True
     listing.write_text("000000 1 0\n")
     with pytest.raises(DataError, match=r"difficult.txt:1: expected an image id and 20 flags"):
         read_difficult_flags(listing)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import xml.etree.ElementTree as ElementTree
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -184,9 +185,17 @@ def ebp_difficult_flags(dataset: VOCDataset) -> dict[str, list[bool]]:
     return flags
 
 
-def read_difficult_flags(path: str | os.PathLike[str]) -> dict[str, list[bool]]:
+def read_difficult_flags(
+    path: str | os.PathLike[str], ids: Sequence[str] | None = None
+) -> dict[str, list[bool]]:
     """Read a pointing-game subset file in TorchRay's format: per line an image id and one
-    0/1 flag per class, tab- or space-separated (``000003  0 0 ... 1 0``)."""
+    0/1 flag per class, tab- or space-separated (``000003  0 0 ... 1 0``).
+
+    With ``ids`` (the images to be scored), every one of them must have a line: TorchRay's
+    benchmark counts an image the file does not list in the difficult subset with all its
+    classes, which a file of another split would do for every image, so a missing image is
+    an error here. (TorchRay's VOC2007 list has a line for each of the 4952 test images.)
+    """
     file = Path(path)
     flags: dict[str, list[bool]] = {}
     for number, line in enumerate(file.read_text().splitlines(), 1):
@@ -198,4 +207,11 @@ def read_difficult_flags(path: str | os.PathLike[str]) -> dict[str, list[bool]]:
                 f"{file}:{number}: expected an image id and {len(VOC_CLASSES)} flags 0/1, got {len(fields)} fields"
             )
         flags[fields[0]] = [field == "1" for field in fields[1:]]
+    missing = [image_id for image_id in ids or () if image_id not in flags]
+    if missing:
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise DataError(
+            f"{file}: no line for {len(missing)} of the {len(ids or ())} images to be scored ({shown}); "
+            "a subset file must list every image of the split (is it the list of another split?)"
+        )
     return flags

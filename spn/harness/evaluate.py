@@ -291,7 +291,7 @@ def _evaluate_multilabel(
     pointing = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
     pointing_difficult = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
     corloc = metrics.CorLoc()
-    flags = read_difficult_flags(difficult_flags) if difficult_flags else ebp_difficult_flags(dataset)
+    flags = read_difficult_flags(difficult_flags, dataset.ids) if difficult_flags else ebp_difficult_flags(dataset)
     counts = torch.zeros(2, dtype=torch.float64)  # top-scoring class present, images
     for batch in _loader(dataset, context, batch_size, workers):
         images = batch["image"].to(context.device)
