@@ -58,3 +58,37 @@ def test_upsample_channels_integers_and_bad_input():
         upsample_maps(torch.zeros(3, 3), (5, 5))
     with pytest.raises(ValueError, match=r"size must be \(H, W\)"):
         upsample_maps(torch.zeros(1, 3, 3), (0, 5))
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_bicubic_is_opencvs_inter_cubic(dtype):
+    # wsolevaluation's inference.py resizes each CAM (float64, after t2n) with
+    # cv2.resize(..., interpolation=cv2.INTER_CUBIC) before it normalises and scores it:
+    # to the last bit in float64 (up- and downscaling, integer and other ratios, maps of one
+    # row or column); OpenCV's float32 path differs by up to about 1e-6 of the range.
+    cv2 = pytest.importorskip("cv2")
+    rng = np.random.default_rng(7)
+    shapes = [(14, 14, 224, 224), (7, 9, 224, 224), (28, 28, 224, 224), (6, 5, 31, 17), (1, 8, 3, 40), (40, 33, 9, 1)]
+    shapes += [tuple(int(v) for v in (*rng.integers(1, 40, 2), *rng.integers(1, 300, 2))) for _ in range(40)]
+    for h, w, H, W in shapes:
+        cams = rng.standard_normal((2, h, w)).astype(dtype)
+        ours = upsample_maps(torch.from_numpy(cams), (H, W), mode="bicubic").numpy()
+        theirs = np.stack([cv2.resize(cam, (W, H), interpolation=cv2.INTER_CUBIC).reshape(H, W) for cam in cams])
+        assert ours.dtype == theirs.dtype
+        if dtype == np.float64:
+            np.testing.assert_array_equal(ours, theirs, err_msg=str((h, w, H, W)))
+        else:
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2.0**-17 * np.abs(cams).max(), err_msg=str((h, w, H, W)))
+    cams = rng.standard_normal((2, 7, 9))
+    bilinear = upsample_maps(torch.from_numpy(cams), (224, 224)).numpy()
+    bicubic = upsample_maps(torch.from_numpy(cams), (224, 224), mode="bicubic").numpy()
+    assert np.abs(bilinear - bicubic).max() > 0.1  # the default is another resize
+    torch_bicubic = torch.nn.functional.interpolate(torch.from_numpy(cams)[:, None], (224, 224), mode="bicubic")
+    assert np.abs(torch_bicubic[:, 0].numpy() - bicubic).max() > 1e-7  # torch's own differs from OpenCV
+
+
+def test_an_unknown_mode_is_refused():
+    with pytest.raises(ValueError, match="mode must be 'bilinear' or 'bicubic', got 'nearest'"):
+        upsample_maps(torch.zeros(1, 3, 3), (5, 5), mode="nearest")
+    with pytest.raises(ValueError, match="INTER_CUBIC, which has no align_corners=True"):
+        upsample_maps(torch.zeros(1, 3, 3), (5, 5), align_corners=True, mode="bicubic")

@@ -137,12 +137,23 @@ def class_response_maps(activations: torch.Tensor, weight: torch.Tensor, classes
     return maps[:, 0] if classes.dim() == 1 else maps
 
 
-def upsample_maps(maps: torch.Tensor, size: Sequence[int], align_corners: bool = False) -> torch.Tensor:
-    """Resize maps ``(B, h, w) -> (B, H, W)`` (or ``(B, C, h, w) -> (B, C, H, W)``) bilinearly.
+def upsample_maps(
+    maps: torch.Tensor, size: Sequence[int], align_corners: bool = False, mode: str = "bilinear"
+) -> torch.Tensor:
+    """Resize maps ``(B, h, w) -> (B, H, W)`` (or ``(B, C, h, w) -> (B, C, H, W)``), bilinearly
+    by default.
 
-    ``torch.nn.functional.interpolate(mode="bilinear", align_corners=align_corners)`` on the
-    maps' device. The two conventions place the map's cells differently in the image
-    (column ``j`` of ``w`` shown; rows likewise):
+    Bilinear: ``torch.nn.functional.interpolate(mode="bilinear", align_corners=align_corners)``
+    on the maps' device (TorchRay's pointing game resizes so). Bicubic: OpenCV's
+    ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)``, to the last bit for float64 maps (float32
+    ones within about 1e-6 of the range: OpenCV's float32 path computes differently), the
+    resize of wsolevaluation's ``inference.py`` (which hands it float64 maps), used by
+    ``spn evaluate`` for the WSOL benchmarks: the cubic kernel with a = -0.75 at half-integer pixel centres, the border
+    replicated, each output coordinate and its four weights computed in float32 as OpenCV does,
+    then the rows and the columns each summed in the maps' dtype, columns first, in OpenCV's
+    order (``torch``'s own bicubic computes the weights in the input's precision and differs
+    by up to 5e-6 of the map's range where the scale is not an integer). The two conventions
+    place the map's cells differently in the image (column ``j`` of ``w`` shown; rows likewise):
 
     * ``align_corners=False`` (default, current PyTorch and OpenCV): the map is ``h x w``
       cells tiling the image, so cell ``j`` takes its value exactly at its centre
@@ -160,7 +171,9 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], align_corners: bool =
         maps: tensor of shape ``(B, h, w)`` or ``(B, C, h, w)``; NumPy arrays go through
             ``torch.from_numpy`` first (no copy).
         size: ``(H, W)``, the output (image) size.
-        align_corners: see above.
+        align_corners: see above; bicubic takes False only.
+        mode: ``"bilinear"`` or ``"bicubic"`` (cubic interpolation overshoots: a map of
+            values in [0, 1] can come out slightly outside it).
 
     Returns:
         A tensor on the maps' device (integer maps become float32).
@@ -181,12 +194,53 @@ def upsample_maps(maps: torch.Tensor, size: Sequence[int], align_corners: bool =
             "wrap a NumPy array with torch.from_numpy(array) (no copy)"
         )
     height, width = check_size(size)
+    if mode not in ("bilinear", "bicubic"):
+        raise ValueError(f"mode must be 'bilinear' or 'bicubic', got {mode!r}")
+    if mode == "bicubic" and align_corners:
+        raise ValueError("mode='bicubic' is OpenCV's INTER_CUBIC, which has no align_corners=True")
     if maps.ndim not in (3, 4):
         raise ValueError(f"maps must have shape (B, h, w) or (B, C, h, w), got shape {tuple(maps.shape)}")
     tensor = maps if maps.is_floating_point() else maps.float()
     stacked = tensor if tensor.ndim == 4 else tensor[:, None]
     if stacked.shape[0] == 0 or stacked.shape[1] == 0:
         resized = stacked.new_zeros((*stacked.shape[:2], height, width))
+    elif mode == "bicubic":
+        resized = _opencv_cubic(stacked, height, width)
     else:
         resized = F.interpolate(stacked, size=(height, width), mode="bilinear", align_corners=bool(align_corners))
     return resized if tensor.ndim == 4 else resized[:, 0]
+
+
+def _cubic_taps(n_in: int, n_out: int, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """OpenCV's INTER_CUBIC taps along one axis: the source indices (n_out, 4), clamped to the
+    map (the border replicated), and their weights (n_out, 4) in ``dtype``. The source
+    coordinate ``(j + 0.5) * (n_in / n_out) - 0.5`` (the ratio as 1 / (n_out / n_in) in
+    double) is rounded to float32, and the weights of its fraction t are the cubic
+    convolution kernel with a = -0.75, evaluated in float32 in OpenCV's form; the fourth is
+    1 minus the other three."""
+    scale = 1.0 / (n_out / n_in)
+    position = ((torch.arange(n_out, dtype=torch.float64) + 0.5) * scale - 0.5).float()
+    start = torch.floor(position)
+    t = position - start  # float32 throughout, as OpenCV's float arithmetic
+    a = -0.75
+    t1, u = t + 1.0, 1.0 - t
+    w0 = ((a * t1 - 5.0 * a) * t1 + 8.0 * a) * t1 - 4.0 * a
+    w1 = ((a + 2.0) * t - (a + 3.0)) * t * t + 1.0
+    w2 = ((a + 2.0) * u - (a + 3.0)) * u * u + 1.0
+    w3 = 1.0 - w0 - w1 - w2
+    index = (start.long()[:, None] + torch.arange(-1, 3)).clamp_(0, n_in - 1)
+    return index.to(device), torch.stack([w0, w1, w2, w3], 1).to(dtype=dtype, device=device)
+
+
+def _opencv_cubic(maps: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(B, C, h, w) -> (B, C, height, width) as cv2.resize(INTER_CUBIC): columns, then rows,
+    each output the sum of its four taps from the first to the last, in the maps' dtype."""
+    columns, column_weights = _cubic_taps(maps.shape[-1], width, maps.dtype, maps.device)
+    rows, row_weights = _cubic_taps(maps.shape[-2], height, maps.dtype, maps.device)
+    across = maps[..., columns[:, 0]] * column_weights[:, 0]
+    for k in range(1, 4):
+        across = across + maps[..., columns[:, k]] * column_weights[:, k]
+    out = across[..., rows[:, 0], :] * row_weights[:, 0, None]
+    for k in range(1, 4):
+        out = out + across[..., rows[:, k], :] * row_weights[:, k, None]
+    return out
