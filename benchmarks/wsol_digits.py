@@ -35,6 +35,7 @@ from spn.harness import compare
 from spn.harness.checkpoint import write_json, write_text
 from spn.harness.config import build_dataset
 from spn.harness.evaluate import load_run
+from spn.models import upsample_maps
 
 DEFAULT_VARIANTS = [
     "small_sp", "small_cam", "small_sp:released",  # SPN (exact stationary state, the released walk), CAM
@@ -127,10 +128,11 @@ def distractor_diagnostics(run_dir: Path, batch_size: int = 100) -> dict[str, fl
             items = [dataset[i] for i in chosen[start : start + batch_size]]
             images = torch.stack([item["image"] for item in items])
             labels = torch.tensor([item["label"] for item in items])
-            _, maps, _ = model.forward_with_maps(images, classes=labels, size="image")
+            _, cams, _ = model.forward_with_maps(images, classes=labels, size=None)
+            maps = upsample_maps(cams.double(), tuple(images.shape[-2:]), mode="bicubic")  # as the evaluation
             for k, item in enumerate(items):
                 g = position[item["path"]]
-                score = maps[k].double().numpy()
+                score = maps[k].numpy()
                 y, x = np.unravel_index(int(score.argmax()), score.shape)
                 x0, y0, x1, y1 = (int(v) for v in test.distractor_boxes[g])
                 if test.masks[g][y, x]:

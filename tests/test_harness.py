@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -57,6 +58,25 @@ def test_train_then_evaluate(digits, tmp_path, capsys):
     assert result["images"] == 20
     assert 0.0 <= result["threshold"] <= 1.0 and result["threshold_split"] == "val"
     assert (pictures / "test.png").stat().st_size > 0
+    assert result["upsample"] == "bicubic"
+    # the maps scored are wsolevaluation's: the CAM at the feature resolution, to float64
+    # (t2n), then cv2.resize(INTER_CUBIC) to the image size, to the last bit
+    cv2 = pytest.importorskip("cv2")
+    from spn.data import collate
+    from spn.harness.config import build_dataset
+    from spn.harness.evaluate import _ground_truth_maps, load_run
+
+    config, model = load_run(run)
+    test_set = build_dataset(config, "test", train=False)
+    batch = collate([test_set[i] for i in range(4)])
+    _, maps = _ground_truth_maps(model, batch, torch.device("cpu"), "bicubic")
+    with torch.no_grad():
+        cams = model.forward_with_maps(batch["image"], classes=batch["label"], size=None).maps.double().numpy()
+    height, width = batch["image"].shape[-2:]
+    expected = [cv2.resize(cam, (width, height), interpolation=cv2.INTER_CUBIC) for cam in cams]
+    assert cams.shape[-1] < width and torch.equal(maps, torch.from_numpy(np.stack(expected)))
+    _, bilinear = _ground_truth_maps(model, batch, torch.device("cpu"), "bilinear")
+    assert not torch.allclose(bilinear, maps)
 
 
 def test_resume_after_kill_minus_9_ends_with_the_same_weights(digits, tmp_path):

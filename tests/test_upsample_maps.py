@@ -78,7 +78,8 @@ def test_bicubic_is_opencvs_inter_cubic(dtype):
         if dtype == np.float64:
             np.testing.assert_array_equal(ours, theirs, err_msg=str((h, w, H, W)))
         else:
-            np.testing.assert_allclose(ours, theirs, rtol=0, atol=2.0**-17 * np.abs(cams).max(), err_msg=str((h, w, H, W)))
+            bound = 2.0**-17 * np.abs(cams).max()
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=bound, err_msg=str((h, w, H, W)))
     cams = rng.standard_normal((2, 7, 9))
     bilinear = upsample_maps(torch.from_numpy(cams), (224, 224)).numpy()
     bicubic = upsample_maps(torch.from_numpy(cams), (224, 224), mode="bicubic").numpy()

@@ -50,6 +50,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.001, help="map threshold step of the evaluation")
+    parser.add_argument(
+        "--upsample", choices=("bicubic", "bilinear"), default="bicubic",
+        help="how the maps reach the image size (see spn evaluate): bicubic, wsolevaluation's, or bilinear",
+    )  # fmt: skip
     parser.add_argument("--widths", type=int, nargs="+", default=[32, 64, 128, 128], help="small_*: block widths")
     parser.add_argument(
         "--pointing-radius", type=float,
@@ -87,7 +91,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     run(config, resume=(run_dir / "checkpoint.pt").exists())
                     write_json(run_dir / "load.json", {"load_average_1min": [load, os.getloadavg()[0]]})
                 pictures = str(out / "pictures" / _slug(variant)) if seed == args.seeds[0] else None
-                settings = {"split": "test", "interval": args.interval, "pointing_radius": radius}
+                settings = {
+                    "split": "test", "interval": args.interval, "pointing_radius": radius, "upsample": args.upsample
+                }
                 result = _cached_evaluation(run_dir, settings, pictures)
                 if result is None:
                     print(f"== {variant}, seed {seed}: evaluating", flush=True)

@@ -5,10 +5,12 @@
 The model and the data pipeline are rebuilt from ``RUN_DIR/config.json`` and the weights read
 from ``RUN_DIR/checkpoint.pt`` (``weights_only=True``). Single-label datasets (wsolevaluation's
 layout, the digits benchmark) follow wsolevaluation's protocol: the maps of the ground-truth
-class, upsampled to the evaluation size, give MaxBoxAccV2 (IoU 0.3 / 0.5 / 0.7 and their
-mean); the map threshold that maximises MaxBoxAcc on the ``val`` split (wsolevaluation's
-train-fullsup role) gives GT-known and top-1 localisation on the evaluated split; the peak of
-the map plays the pointing game (TorchRay's protocol); PxAP where the metadata has masks.
+class, in float64, upsampled to the evaluation size as its ``inference.py`` does (OpenCV's
+bicubic resize, reproduced to the last bit; ``--upsample bilinear`` is a named variant), give
+MaxBoxAccV2 (IoU 0.3 / 0.5 / 0.7 and their mean); the map threshold that maximises MaxBoxAcc on
+the ``val`` split (wsolevaluation's train-fullsup role) gives GT-known and top-1 localisation on
+the evaluated split; the peak of the map plays the pointing game (TorchRay's protocol); PxAP
+where the metadata has masks.
 Pascal VOC (multi-label) gets the SPN paper's CorLoc (the mean-threshold box of each present
 class) and the pointing game over (image, present class) queries, skipping classes whose boxes
 are all "difficult" (TorchRay's rule). Under torchrun each process scores a shard of the split
@@ -54,6 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--interval", type=float, default=0.001, help="map threshold step (wsolevaluation: 0.001)")
     parser.add_argument(
+        "--upsample", choices=("bicubic", "bilinear"), default="bicubic",
+        help="how single-label maps reach the image size: bicubic (default) is wsolevaluation's cv2.resize "
+        "INTER_CUBIC, bit-exact; bilinear (align_corners=False) is a variant",
+    )  # fmt: skip
+    parser.add_argument(
         "--pointing-radius", type=float, default=15.0,
         help="pointing-game radius in pixels of the evaluation size (TorchRay: 15, for ~500 px VOC images)",
     )  # fmt: skip
@@ -81,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             batch_size=args.batch_size,
             workers=args.workers,
             interval=args.interval,
+            upsample=args.upsample,
             pointing_radius=args.pointing_radius,
             context=context,
             difficult_flags=args.difficult_flags,
@@ -141,8 +149,13 @@ def evaluate_run(
     pointing_radius: float = 15.0,
     context: Context | None = None,
     difficult_flags: str | None = None,
+    upsample: str = "bicubic",
 ) -> dict[str, Any]:
-    """Score ``run_dir`` on ``split``; returns the dict written to ``OUT.json``."""
+    """Score ``run_dir`` on ``split``; returns the dict written to ``OUT.json``. ``upsample``:
+    how single-label maps are resized to the image (see `spn.models.upsample_maps`); Pascal
+    VOC's pointing game always resizes bilinearly, as TorchRay."""
+    if upsample not in ("bicubic", "bilinear"):
+        raise ValueError(f"upsample must be 'bicubic' (wsolevaluation) or 'bilinear', got {upsample!r}")
     context = context or Context()
     config, model = load_run(run_dir, data=data, metadata=metadata, mask_root=mask_root)
     model = model.to(context.device)
@@ -158,11 +171,13 @@ def evaluate_run(
         threshold = None
         if box_set is not None:
             threshold_set = build_dataset(config, threshold_split, train=False)
-            threshold = pick_threshold(model, threshold_set, context, batch_size, workers, interval)
+            threshold = pick_threshold(model, threshold_set, context, batch_size, workers, interval, upsample)
         results = _evaluate_single_label(
-            model, box_set, mask_set, config, context, batch_size, workers, interval, threshold, pointing_radius
-        )
+            model, box_set, mask_set, config, context, batch_size, workers, interval, threshold, pointing_radius,
+            upsample,
+        )  # fmt: skip
         results.update(threshold=threshold, threshold_split=threshold_split if threshold is not None else None)
+        results["upsample"] = upsample
     results.update(split=split, run=str(run_dir), model=config.model, method=config.method, preset=config.preset)
     results["pointing_radius"] = pointing_radius
     if pictures and context.is_main:
@@ -180,20 +195,28 @@ def _loader(dataset: Any, context: Context, batch_size: int, workers: int) -> Da
 
 
 @torch.no_grad()
-def _ground_truth_maps(model: Network, batch: dict[str, Any], device: torch.device) -> tuple[Any, torch.Tensor]:
+def _ground_truth_maps(
+    model: Network, batch: dict[str, Any], device: torch.device, upsample: str
+) -> tuple[Any, torch.Tensor]:
+    """Logits and the ground-truth class's maps at the image size, float64 on the CPU: as
+    wsolevaluation's inference, the map at the feature resolution goes to float64 (t2n), then
+    is resized (cv2.resize, INTER_CUBIC: ``upsample="bicubic"``)."""
+    from spn.models import upsample_maps
+
     images = batch["image"].to(device)
-    out = model.forward_with_maps(images, classes=batch["label"].to(device), size="image")
-    # float64, as wsolevaluation's inference hands its maps over (t2n then normalise)
-    return out.logits.float().cpu(), out.maps.double().cpu()
+    out = model.forward_with_maps(images, classes=batch["label"].to(device), size=None)
+    maps = upsample_maps(out.maps.double(), tuple(images.shape[-2:]), mode=upsample)
+    return out.logits.float().cpu(), maps.cpu()
 
 
 def pick_threshold(
-    model: Network, dataset: Any, context: Context, batch_size: int, workers: int, interval: float
+    model: Network, dataset: Any, context: Context, batch_size: int, workers: int, interval: float,
+    upsample: str = "bicubic",
 ) -> float:
     """The map threshold of best MaxBoxAcc (largest region, IoU 0.5) on ``dataset``."""
     metric = metrics.BoxAccuracy(version=1, interval=interval)
     for batch in _loader(dataset, context, batch_size, workers):
-        _, maps = _ground_truth_maps(model, batch, context.device)
+        _, maps = _ground_truth_maps(model, batch, context.device, upsample)
         metric.update(maps, batch["boxes"])
     metric.sync()
     return float(metric.compute().details["best_threshold"][0.5])
@@ -210,6 +233,7 @@ def _evaluate_single_label(
     interval: float,
     threshold: float | None,
     pointing_radius: float = 15.0,
+    upsample: str = "bicubic",
 ) -> dict[str, Any]:
     """Classification and box metrics over ``box_set`` (at ``threshold`` for GT-known / top-1
     localisation), PxAP over ``mask_set``; classification from the mask set when there are no boxes."""
@@ -222,7 +246,7 @@ def _evaluate_single_label(
         localization = metrics.LocalizationAccuracy()
         pointing = metrics.PointingGame(num_classes=num_classes, radius=pointing_radius)
         for batch in _loader(box_set, context, batch_size, workers):
-            logits, maps = _ground_truth_maps(model, batch, context.device)
+            logits, maps = _ground_truth_maps(model, batch, context.device, upsample)
             ranked = _count_classification(counts, logits, batch["label"])
             box_accuracy.update(maps, batch["boxes"])
             at_threshold = [localize.wsol_boxes(m, [float(threshold or 0.0)])[0] for m in maps]
@@ -244,7 +268,7 @@ def _evaluate_single_label(
     if mask_set is not None:
         pixel_ap = metrics.PxAP(interval=interval)
         for batch in _loader(mask_set, context, batch_size, workers):
-            logits, maps = _ground_truth_maps(model, batch, context.device)
+            logits, maps = _ground_truth_maps(model, batch, context.device, upsample)
             if classification is mask_set:
                 _count_classification(counts, logits, batch["label"])
             pixel_ap.update(maps, batch["mask"], batch["ignore"])
