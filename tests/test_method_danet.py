@@ -5,13 +5,16 @@ evaluation through the harness on a tiny digits set with its three-level hierarc
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
 import torch
 
-from harness_checks import round_trip
+from harness_checks import round_trip, train_method
+from spn.__main__ import main as spn_main
 from spn.data.digits import HIERARCHY
+from spn.harness.checkpoint import load_checkpoint
 from spn.harness.config import RunConfig
 from spn.methods import MethodError, Step, get_method
 from spn.methods.danet import (
@@ -355,3 +358,33 @@ def test_train_evaluate_and_resume_through_the_harness(mini_digits, tmp_path):
     lines, state = round_trip(mini_digits, tmp_path, "danet", *options, "--batch-size", "5", "--widths", "4", "8", "8")
     assert {"loss_cls", "loss_cls_level0", "loss_cls_level1", "loss_cos"} <= set(lines[-1])  # the digits' 3 levels
     assert "head.ancestors" in state
+
+
+def test_a_run_keeps_its_hierarchy(mini_digits, tmp_path, capsys):
+    # hierarchy=PATH: the run copies the file, so that resuming and evaluating need it no longer
+    named = tmp_path / "elsewhere" / "levels.txt"
+    named.parent.mkdir()
+    named.write_bytes((mini_digits / "hierarchy.txt").read_bytes())
+    options = ("--method-option", f"hierarchy={named}", "--method-option", "width=8", "--method-option",
+               "maps_per_class=2", "--method-option", "convs=1", "--batch-size", "5", "--widths", "4", "8", "8")
+    run = tmp_path / "run"
+    assert train_method(mini_digits, run, 1, "danet", *options) == 0
+    assert (run / "hierarchy.txt").read_bytes() == named.read_bytes()
+    named.unlink()
+    assert train_method(mini_digits, run, 2, "danet", *options, "--resume") == 0
+    result = tmp_path / "eval.json"
+    command = ["evaluate", "--run", str(run), "--split", "test", "--json", str(result), "--interval", "0.05"]
+    assert spn_main(command) == 0, capsys.readouterr().err
+    assert json.loads(result.read_text())["method"] == "danet"
+    # a second run without --resume in that directory is refused, and its copy left as it was
+    kept = (run / "hierarchy.txt").read_bytes()
+    assert train_method(mini_digits, run, 1, "danet", "--method-option", "hierarchy=none") == 2
+    assert (run / "hierarchy.txt").read_bytes() == kept
+    # a fresh run with a single level leaves no copy of an earlier attempt behind
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "hierarchy.txt").write_bytes(kept)
+    assert train_method(mini_digits, other, 1, "danet", "--method-option", "hierarchy=none", "--widths", "4", "8") == 0
+    assert not (other / "hierarchy.txt").exists()
+    assert load_checkpoint(other / "checkpoint.pt")["model"]["head.ancestors"].shape[0] == 1
+    assert load_checkpoint(run / "checkpoint.pt")["model"]["head.ancestors"].shape[0] == 3  # the digits' levels

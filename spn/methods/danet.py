@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, NamedTuple
 
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spn._io import write_atomic
 from spn.models import FeatureLevels, HeadOutput, HeadState, Network, WSOLHead, resolve_classes, upsample_maps
 from spn.models.maps import ClassSpec
 
@@ -422,7 +423,9 @@ class DANet(Method):
 
     The hierarchy: ``hierarchy=PATH`` (see `read_hierarchy`); ``"auto"`` (default) takes the
     digits benchmark's ``hierarchy.txt`` on ``--dataset digits`` and a single level otherwise;
-    ``"none"`` a single level.
+    ``"none"`` a single level. Training keeps a copy in the run directory
+    (``RUN_DIR/hierarchy.txt``), which resuming and ``spn evaluate`` read, so that the run does
+    not depend on the file staying where it was (or on the directory it was named from).
     """
 
     name = "danet"
@@ -457,7 +460,21 @@ class DANet(Method):
             raise MethodError("method 'danet': option hierarchy must be 'auto', 'none' or a file path")
 
     def hierarchy_path(self, config: Any) -> Path | None:
-        """The hierarchy file of ``config`` (None: a single level)."""
+        """The hierarchy file of ``config`` (None: a single level): the run's own copy once
+        training has made it, else the file the option names."""
+        kept = self.kept_hierarchy(config)
+        if kept is not None and kept.is_file():
+            return kept
+        return self.named_hierarchy(config)
+
+    @staticmethod
+    def kept_hierarchy(config: Any) -> Path | None:
+        """Where a run keeps the hierarchy it trained with: ``RUN_DIR/hierarchy.txt``."""
+        out = getattr(config, "out", None)
+        return Path(out) / "hierarchy.txt" if out else None
+
+    def named_hierarchy(self, config: Any) -> Path | None:
+        """The hierarchy file the option names (None: a single level)."""
         value = str(self.options["hierarchy"])
         if value == "none":
             return None
@@ -466,6 +483,26 @@ class DANet(Method):
                 return Path(config.data_root()) / "hierarchy.txt"
             return None
         return Path(value)
+
+    def fit(
+        self, config: Any, resume: bool, train: Callable[..., dict[str, Any]], device: torch.device | None = None
+    ) -> dict[str, Any]:
+        """Train as usual, first copying the hierarchy file into the run directory (checked
+        first: a bad file is named as the user gave it). A resumed run reads its copy; a run
+        directory that already holds a checkpoint is not touched here (the harness refuses to
+        start a second run there)."""
+        kept, named = self.kept_hierarchy(config), self.named_hierarchy(config)
+        if kept is None:
+            return train(config, resume)
+        fresh = not resume and not (kept.parent / "checkpoint.pt").exists()
+        if fresh and named is None:
+            kept.unlink(missing_ok=True)  # a single level: no copy of an earlier attempt may stay
+        elif named is not None and (fresh or not kept.is_file()):  # runs made before the copy: make it
+            read_hierarchy(named)
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            data = named.read_bytes()
+            write_atomic(kept, lambda file: file.write(data))
+        return train(config, resume)
 
     def build(self, network: Network, config: Any) -> Network:
         if getattr(config, "dataset", None) == "voc":
