@@ -67,6 +67,18 @@ class Step:
     epochs: int
 
 
+def process_rank() -> int:
+    """This process's rank under torch.distributed (0 without it): the one that writes files."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_rank() if distributed else 0
+
+
+def barrier() -> None:
+    """Wait for every process under torch.distributed (nothing without it)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def classification_loss(logits: torch.Tensor, batch: Mapping[str, Any]) -> torch.Tensor:
     """Cross-entropy on ``batch["label"]``, or BCE on the multi-hot ``batch["labels"]`` (VOC)."""
     if "labels" in batch:

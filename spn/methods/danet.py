@@ -34,7 +34,7 @@ from spn._io import write_atomic
 from spn.models import FeatureLevels, HeadOutput, HeadState, Network, WSOLHead, resolve_classes, upsample_maps
 from spn.models.maps import ClassSpec
 
-from .base import Method, MethodError, MethodOutput, Step
+from .base import Method, MethodError, MethodOutput, Step, barrier, process_rank
 
 __all__ = [
     "DANet",
@@ -495,13 +495,18 @@ class DANet(Method):
         if kept is None:
             return train(config, resume)
         fresh = not resume and not (kept.parent / "checkpoint.pt").exists()
-        if fresh and named is None:
-            kept.unlink(missing_ok=True)  # a single level: no copy of an earlier attempt may stay
-        elif named is not None and (fresh or not kept.is_file()):  # runs made before the copy: make it
-            read_hierarchy(named)
-            kept.parent.mkdir(parents=True, exist_ok=True)
-            data = named.read_bytes()
-            write_atomic(kept, lambda file: file.write(data))
+        # copied on a fresh start, and for a run made before runs kept theirs
+        source = named if named is not None and (fresh or not kept.is_file()) else None
+        if source is not None:
+            read_hierarchy(source)  # in every process: a bad file stops them all, none waits below
+        if process_rank() == 0:  # one writer under torchrun; the others wait for it
+            if fresh and named is None:
+                kept.unlink(missing_ok=True)  # a single level: no copy of an earlier attempt may stay
+            elif source is not None:
+                kept.parent.mkdir(parents=True, exist_ok=True)
+                data = source.read_bytes()
+                write_atomic(kept, lambda file: file.write(data))
+        barrier()
         return train(config, resume)
 
     def build(self, network: Network, config: Any) -> Network:

@@ -43,7 +43,7 @@ from spn.models.heads import HeadOutput, HeadState, WSOLHead
 from spn.models.maps import ClassSpec, resolve_classes, upsample_maps
 
 from .acol import normalize_maps
-from .base import Method, MethodError
+from .base import Method, MethodError, barrier, process_rank
 
 __all__ = [
     "AdversarialErasing",
@@ -238,16 +238,6 @@ def _png_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _rank() -> int:
-    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-    return torch.distributed.get_rank() if distributed else 0
-
-
-def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -322,10 +312,10 @@ class AdversarialErasing(Method):
             raise ConfigError(
                 f"{out} already holds a run ({marker}); pass --resume to continue it, or choose another --out"
             )
-        _barrier()  # every process has looked before the marker appears
-        if _rank() == 0:  # the temporaries of a run killed while writing its top-level files
+        barrier()  # every process has looked before the marker appears
+        if process_rank() == 0:  # the temporaries of a run killed while writing its top-level files
             remove_stale_temporaries(out)
-        if not resume and _rank() == 0:
+        if not resume and process_rank() == 0:
             save_checkpoint(marker, {"epoch": 0, "ae_step": 0, "config": json_config(config)})
         for step in range(1, self.options["steps"]):  # step k + 1's images were mined after step k's epochs
             path = out / f"step{step}" / "checkpoint.pt"
@@ -338,33 +328,33 @@ class AdversarialErasing(Method):
                     )
         data_root = config.data_root()
         if config.dataset == "digits" and config.data is None:
-            if _rank() == 0:
+            if process_rank() == 0:
                 from spn.data.digits import write_benchmark
 
                 write_benchmark(data_root, seed=config.digits_seed)
-            _barrier()
+            barrier()
         record: dict[str, Any] = {}
         num_classes = config.num_classes
         for step in range(1, self.options["steps"] + 1):
-            if step > 1 and _rank() == 0:
+            if step > 1 and process_rank() == 0:
                 self._write_erased(config, step)
-            _barrier()
+            barrier()
             step_config = self.step_config(config, step)
             step_checkpoint = Path(step_config.out) / "checkpoint.pt"
             record = train(step_config, step_checkpoint.exists())
             num_classes = json.loads((Path(step_config.out) / "config.json").read_text())["num_classes"]
-            if _rank() == 0:
+            if process_rank() == 0:
                 top = dataclasses.replace(config, num_classes=num_classes)
                 write_json(out / "config.json", top.to_dict())
                 self._write_metrics(out, step)
-            _barrier()
-        if _rank() == 0:
+            barrier()
+        if process_rank() == 0:
             final = load_checkpoint(Path(self.step_config(config, self.options["steps"]).out) / "checkpoint.pt")
             final.pop("format", None)
             final["ae_steps"] = self.options["steps"]
             final["config"] = json_config(dataclasses.replace(config, num_classes=num_classes))
             save_checkpoint(marker, final)
-        _barrier()
+        barrier()
         return record
 
     def load_model(self, config: Any, run_dir: Path, build: Callable[[Any], Network]) -> Network:
