@@ -183,7 +183,9 @@ def evaluate_run(
     if pictures and context.is_main:
         from .pictures import write_grid
 
-        write_grid(model, dataset, Path(pictures) / f"{split}.png", context.device, results.get("threshold"))
+        shown = "bilinear" if config.dataset == "voc" else upsample  # as the maps were scored
+        write_grid(model, dataset, Path(pictures) / f"{split}.png", context.device, results.get("threshold"),
+                   upsample=shown)  # fmt: skip
     return results
 
 

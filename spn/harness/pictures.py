@@ -28,17 +28,21 @@ def write_grid(
     threshold: float | None = None,
     count: int = 16,
     columns: int = 4,
+    upsample: str = "bilinear",
 ) -> Path:
     """Write a ``count``-image grid (first images of ``dataset``) to ``path`` (PNG, atomic);
-    images under 96 px are enlarged by an integer factor (nearest pixel) to stay legible."""
+    images under 96 px are enlarged by an integer factor (nearest pixel) to stay legible. The
+    maps reach the image size as ``upsample`` says, in float64 (as ``spn evaluate`` scores
+    them, so that the red box is the one it scored)."""
     from spn import viz
+    from spn.models import upsample_maps
 
     tiles = []
     for index in range(min(count, len(dataset))):
         item = dataset[index]
         image = item["image"]
-        out = model.forward_with_maps(image[None].to(device), classes=torch.tensor([item["label"]]), size="image")
-        response = out.maps[0].float().cpu()
+        out = model.forward_with_maps(image[None].to(device), classes=torch.tensor([item["label"]]), size=None)
+        response = upsample_maps(out.maps.double(), tuple(image.shape[-2:]), mode=upsample)[0].cpu()
         if threshold is None:
             predicted = localize.boxes_from_maps(response[None])[0]
         else:
