@@ -4,12 +4,16 @@ properties, option checks, and a training run through the harness (train, evalua
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from harness_checks import round_trip
+from harness_checks import round_trip, train_method
+from spn.harness.checkpoint import load_checkpoint
 from spn.methods import MethodError, Step, get_method
 from spn.methods.i2c import (
     I2C,
@@ -304,6 +308,36 @@ def test_sampler_batches_are_distinct_class_pairs_without_duplicates(replicas):
     assert len(seen) == (24 // 4 // replicas) * replicas * 8
 
 
+@pytest.mark.parametrize("replicas", [2, 3])
+def test_sampler_processes_together_draw_one_processs_batches(replicas):
+    # under torchrun the processes' shares of each step are the batch one process with the
+    # global batch size draws, in rank order, whole pairs each
+    labels = _labels([7, 6, 9, 4, 5])
+    one = PairSampler(labels, 4 * replicas, seed=5)
+    shards = [PairSampler(labels, 4, seed=5, num_replicas=replicas, rank=r) for r in range(replicas)]
+    for sampler in (one, *shards):
+        sampler.set_epoch(1)
+    mine = [list(sampler) for sampler in shards]
+    assert all(len(indices) == len(mine[0]) for indices in mine)
+    steps = range(len(mine[0]) // 4)
+    together = [index for step in steps for indices in mine for index in indices[4 * step : 4 * step + 4]]
+    assert together == list(one)
+
+
+def test_object_seed_keys_of_a_process_are_its_rows_of_the_global_draw(monkeypatch):
+    from spn.methods import i2c
+
+    monkeypatch.setattr(i2c, "process_count", lambda: 3)
+    monkeypatch.setattr(i2c, "process_rank", lambda: 1)
+    torch.manual_seed(4)
+    keys = i2c._shard_keys(2, 5, torch.device("cpu"))
+    torch.manual_seed(4)
+    torch.testing.assert_close(keys, torch.rand(6, 5)[2:4], rtol=0, atol=0)
+    maps = torch.rand(2, 1, 5)
+    with pytest.raises(ValueError, match=r"keys must have shape \(2, 5\)"):
+        object_seeds(maps, keys=torch.rand(2, 4))
+
+
 def test_sampler_is_deterministic_per_seed_and_epoch():
     labels = _labels([5, 7, 4, 6])
     a, b = PairSampler(labels, 4, seed=1), PairSampler(labels, 4, seed=1)
@@ -348,3 +382,25 @@ def test_trains_evaluates_and_resumes(digits, tmp_path):
     assert {"loss_cls", "loss_scc", "loss_gcc"} <= set(lines[-1])
     assert all(math.isfinite(line["loss"]) for line in lines)
     assert state["head.counts"].sum() > 0 and state["head.centres"].abs().sum() > 0
+
+
+def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
+    # the pairs of each global batch split between the processes, each process's object seeds
+    # its rows of the global draw, the centres' update all-reduced, DDP's averaged gradients;
+    # GroupNorm, as BatchNorm would couple the halves of the batch (tests/test_harness.py)
+    options = ("--norm", "group")
+    single = tmp_path / "single"
+    assert train_method(digits, single, 2, "i2c", *options) == 0
+    double = tmp_path / "double"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "spn",
+        "train", "--dataset", "digits", "--data", str(digits), "--model", "small_cam", "--method", "i2c",
+        "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(double), *options,
+    ]  # fmt: skip
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    one, two = load_checkpoint(single / "checkpoint.pt")["model"], load_checkpoint(double / "checkpoint.pt")["model"]
+    assert one["head.counts"].sum() > 0
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)

@@ -73,6 +73,12 @@ def process_rank() -> int:
     return torch.distributed.get_rank() if distributed else 0
 
 
+def process_count() -> int:
+    """The number of processes under torch.distributed (1 without it)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return torch.distributed.get_world_size() if distributed else 1
+
+
 def barrier() -> None:
     """Wait for every process under torch.distributed (nothing without it)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():

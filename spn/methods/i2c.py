@@ -32,7 +32,7 @@ from torch.utils.data import Sampler
 from spn.models.heads import HeadOutput, HeadState, WSOLHead
 from spn.models.maps import ClassSpec, class_response_maps
 
-from .base import Method, MethodError, MethodOutput, Step
+from .base import Method, MethodError, MethodOutput, Step, process_count, process_rank
 
 __all__ = [
     "I2C",
@@ -86,6 +86,7 @@ def object_seeds(
     threshold: float = 0.7,
     min_pixels: int = 30,
     generator: torch.Generator | None = None,
+    keys: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Positions of object seeds: a random choice among the high positions of each map.
 
@@ -102,6 +103,8 @@ def object_seeds(
         threshold: in [0, 1) (the authors': 0.7).
         min_pixels: the region size below which the relative threshold applies (the authors': 30).
         generator: the random generator (default: torch's global one).
+        keys: (B, h * w) random keys in [0, 1) that order each region (default: drawn from
+            ``generator``; given, e.g. this process's rows of a global batch's keys).
 
     Returns:
         (B, num_seeds) int64 flat indices into ``h * w`` (row-major).
@@ -123,8 +126,11 @@ def object_seeds(
     absolute = torch.full_like(relative, float(threshold))
     cut = torch.where(above.sum(dim=1) >= min_pixels, absolute, relative)
     region = normed > cut[:, None]
-    keys = torch.rand(normed.shape, generator=generator, device=normed.device)
-    keys = torch.where(region, keys, torch.full_like(keys, -1.0))
+    if keys is None:
+        keys = torch.rand(normed.shape, generator=generator, device=normed.device)
+    elif keys.shape != normed.shape:
+        raise ValueError(f"keys must have shape {tuple(normed.shape)} (B, h * w), got {tuple(keys.shape)}")
+    keys = torch.where(region, keys.to(normed.device), torch.full_like(normed, -1.0))
     order = keys.argsort(dim=1, descending=True)  # the region first, in a random order
     size = region.sum(dim=1, keepdim=True).clamp_min(1)
     return order.gather(1, torch.arange(num_seeds, device=order.device)[None] % size)
@@ -197,7 +203,11 @@ def pair_centres(seeds: torch.Tensor) -> torch.Tensor:
 
 
 def global_consistency(
-    centres_of_pairs: torch.Tensor, centres: torch.Tensor, counts: torch.Tensor, labels: torch.Tensor
+    centres_of_pairs: torch.Tensor,
+    centres: torch.Tensor,
+    counts: torch.Tensor,
+    labels: torch.Tensor,
+    known_pairs: torch.Tensor | float | None = None,
 ) -> torch.Tensor:
     r"""Global consistency: mean L2 distance between each pair's centre and its class's running centre.
 
@@ -210,6 +220,9 @@ def global_consistency(
         centres: (N, C) running class centres.
         counts: (N,) how many updates each class centre has had.
         labels: (P,) the class of each pair.
+        known_pairs: what to divide the sum by instead of ``|V|`` of this batch (`I2CHead`
+            under torch.distributed: the global batch's ``|V|`` over the processes' count, so
+            that DDP's average of the processes' gradients is the global mean's).
 
     Returns:
         A scalar (differentiable in ``centres_of_pairs``).
@@ -227,7 +240,9 @@ def global_consistency(
     known = counts[labels] > 0
     distances = torch.linalg.vector_norm(centres_of_pairs - centres[labels].detach().to(centres_of_pairs.dtype), dim=-1)
     kept = torch.where(known, distances, torch.zeros_like(distances))
-    return kept.sum() / known.sum().clamp_min(1)
+    if known_pairs is None:
+        return kept.sum() / known.sum().clamp_min(1)
+    return kept.sum() / torch.as_tensor(known_pairs, dtype=kept.dtype, device=kept.device).clamp_min(1e-30)
 
 
 @torch.no_grad()
@@ -364,14 +379,38 @@ class I2CHead(WSOLHead):
             if maps.shape[-2:] != features.shape[-2:]:
                 size = features.shape[-2:]
                 maps = F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
-            indices = object_seeds(maps, self.num_seeds, self.seed_threshold, self.min_seed_pixels)
+            keys = _shard_keys(maps.shape[0], maps[0].numel(), maps.device)
+            indices = object_seeds(maps, self.num_seeds, self.seed_threshold, self.min_seed_pixels, keys=keys)
         seeds = seed_features(features, indices)
         centres_of_pairs = pair_centres(seeds)
         stochastic = stochastic_consistency(seeds)
-        global_ = global_consistency(centres_of_pairs, self.centres, self.counts, labels[0::2])
+        global_ = global_consistency(
+            centres_of_pairs, self.centres, self.counts, labels[0::2], _known_pairs(self.counts, labels[0::2])
+        )
         if self.training:
             update_centres(self.centres, self.counts, centres_of_pairs, labels[0::2], self.centre_rate)
         return I2COutput(state.logits, stochastic, global_)
+
+
+def _known_pairs(counts: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+    """Under torch.distributed, the global batch's pairs whose class has a centre over the
+    processes' count (the divisor of `global_consistency` that makes DDP's averaged gradient the
+    global mean's: processes hold different numbers of such pairs); None in one process."""
+    if process_count() == 1:
+        return None
+    known = (counts[labels] > 0).sum().to(torch.float64)
+    torch.distributed.all_reduce(known)
+    return (known / process_count()).clamp_min(1.0 / process_count())
+
+
+def _shard_keys(batch: int, positions: int, device: torch.device) -> torch.Tensor:
+    """The object seeds' random keys (batch, positions) of this process's share of the global
+    batch: every process draws the keys of the whole global batch (the processes' global random
+    streams stay in step: the harness seeds them alike) and keeps the rows of its own images, so
+    that the processes together draw what one process with the global batch would."""
+    count, rank = process_count(), process_rank()
+    keys = torch.rand((count * batch, positions), device=device)
+    return keys[rank * batch : (rank + 1) * batch]
 
 
 def _pair_labels(target: torch.Tensor, batch: int, num_classes: int) -> torch.Tensor:
@@ -401,12 +440,13 @@ class PairSampler(Sampler[int]):
     """Indices in batches of same-class pairs, sharded over processes.
 
     Each epoch (``set_epoch``), the images of every class are shuffled and cut into pairs (an
-    odd one out waits for another epoch; a class of one image is never drawn); each batch of
-    ``batch_size`` indices is ``batch_size / 2`` pairs of distinct classes (when there are that
+    odd one out waits for another epoch; a class of one image is never drawn); each global batch
+    of ``batch_size * num_replicas`` indices is pairs of distinct classes (when there are that
     many classes with pairs left; otherwise classes repeat as evenly as possible), taken from
-    the classes with the most pairs left, ties broken at random. Batch b goes to process
-    ``b % num_replicas`` and every process gets as many batches, so no image appears twice in an
-    epoch. The order depends only on ``(seed, epoch)``.
+    the classes with the most pairs left, ties broken at random. Process r takes the r-th
+    ``batch_size`` indices of each global batch (whole pairs), so the processes of a step
+    together train on the batch that one process with ``batch_size * num_replicas`` would, and
+    no image appears twice in an epoch. The order depends only on ``(seed, epoch)``.
 
     Args:
         labels: the class of each dataset index.
@@ -438,7 +478,7 @@ class PairSampler(Sampler[int]):
             raise ValueError("no class has two images: same-class pairs cannot be drawn")
         self.batch_size, self.seed = batch_size, int(seed)
         self.num_replicas, self.rank = int(num_replicas), int(rank)
-        self.batches_per_replica = pairs // (batch_size // 2) // self.num_replicas
+        self.batches_per_replica = pairs // (batch_size // 2 * self.num_replicas)  # global batches
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -448,7 +488,7 @@ class PairSampler(Sampler[int]):
         return self.batches_per_replica * self.batch_size
 
     def batches(self) -> list[list[int]]:
-        """Every batch of this epoch (all processes'), in order; batch b is process b % num_replicas's."""
+        """Every global batch of this epoch, in order (process r's share of each: see __iter__)."""
         generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
         queues: list[list[tuple[int, int]]] = []
         for members in self._members:
@@ -456,11 +496,12 @@ class PairSampler(Sampler[int]):
             shuffled = [members[i] for i in order]
             queues.append([(shuffled[2 * i], shuffled[2 * i + 1]) for i in range(len(members) // 2)])
         left = torch.tensor([len(queue) for queue in queues], dtype=torch.float64)
-        per_batch = self.batch_size // 2
+        size = self.batch_size * self.num_replicas
+        per_batch = size // 2
         batches: list[list[int]] = []
-        for _ in range(self.batches_per_replica * self.num_replicas):
+        for _ in range(self.batches_per_replica):
             batch: list[int] = []
-            while len(batch) < self.batch_size:
+            while len(batch) < size:
                 available = int((left > 0).sum())
                 if available == 0:  # cannot happen: batches_per_replica counts the pairs
                     raise RuntimeError("PairSampler ran out of pairs")
@@ -474,8 +515,8 @@ class PairSampler(Sampler[int]):
         return batches
 
     def __iter__(self) -> Iterator[int]:
-        mine = self.batches()[self.rank :: self.num_replicas]
-        return iter([index for batch in mine for index in batch])
+        share = slice(self.rank * self.batch_size, (self.rank + 1) * self.batch_size)
+        return iter([index for batch in self.batches() for index in batch[share]])
 
 
 class I2C(Method):
