@@ -275,7 +275,12 @@ def test_killed_in_step_two_resumes_to_the_same_weights(ae_run, digits, tmp_path
     with pytest.raises(ConfigError, match="same --epochs"):
         run(dataclasses.replace(config, epochs=3), resume=True)
     (out / "erased" / ".step2.tmp-1-dead").mkdir()  # a leftover of a kill while writing: ignored
+    # a kill between an atomic write of a top-level file and its rename leaves its temporary
+    # beside the whole file: the resumed run removes it (the steps' own folders are the harness's)
+    stale = out / ".metrics.jsonl.k1lled_x.tmp"
+    stale.write_bytes(b"part of the metrics")
     run(config, resume=True)
+    assert not stale.exists()
     assert _finished(out, 2)
     for step in ("step1", "step2"):
         straight = load_checkpoint(ae_run / step / "checkpoint.pt")["model"]
