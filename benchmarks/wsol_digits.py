@@ -34,8 +34,7 @@ from spn.data.digits import DigitsBenchmark, content_hash, generate
 from spn.harness import compare
 from spn.harness.checkpoint import write_json, write_text
 from spn.harness.config import build_dataset
-from spn.harness.evaluate import load_run
-from spn.models import upsample_maps
+from spn.harness.evaluate import load_run, scored_maps
 
 DEFAULT_VARIANTS = [
     "small_sp", "small_cam", "small_sp:released",  # SPN (exact stationary state, the released walk), CAM
@@ -128,8 +127,7 @@ def distractor_diagnostics(run_dir: Path, batch_size: int = 100) -> dict[str, fl
             items = [dataset[i] for i in chosen[start : start + batch_size]]
             images = torch.stack([item["image"] for item in items])
             labels = torch.tensor([item["label"] for item in items])
-            _, cams, _ = model.forward_with_maps(images, classes=labels, size=None)
-            maps = upsample_maps(cams.double(), tuple(images.shape[-2:]), mode="bicubic")  # as the evaluation
+            _, maps = scored_maps(model, images, labels)  # the maps the evaluation scores
             for k, item in enumerate(items):
                 g = position[item["path"]]
                 score = maps[k].numpy()

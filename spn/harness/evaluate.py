@@ -37,7 +37,7 @@ from .checkpoint import CheckpointError, load_checkpoint, write_json
 from .config import ConfigError, RunConfig, build_dataset, build_mask_dataset, build_model
 from .distributed import Context, setup, shard, teardown
 
-__all__ = ["build_parser", "evaluate_run", "main"]
+__all__ = ["build_parser", "evaluate_run", "main", "scored_maps"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,18 +197,25 @@ def _loader(dataset: Any, context: Context, batch_size: int, workers: int) -> Da
 
 
 @torch.no_grad()
+def scored_maps(
+    model: Network, images: torch.Tensor, classes: torch.Tensor, upsample: str = "bicubic"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Logits and the maps of ``classes`` (B,) at the images' size, float64, on the images'
+    device: as wsolevaluation's inference, the map at the feature resolution goes to float64
+    (t2n), then is resized (cv2.resize, INTER_CUBIC: ``upsample="bicubic"``). What
+    ``spn evaluate`` scores, its pictures draw and the digits benchmark's diagnostics read."""
+    from spn.models import upsample_maps
+
+    out = model.forward_with_maps(images, classes=classes, size=None)
+    return out.logits, upsample_maps(out.maps.double(), tuple(images.shape[-2:]), mode=upsample)
+
+
 def _ground_truth_maps(
     model: Network, batch: dict[str, Any], device: torch.device, upsample: str
 ) -> tuple[Any, torch.Tensor]:
-    """Logits and the ground-truth class's maps at the image size, float64 on the CPU: as
-    wsolevaluation's inference, the map at the feature resolution goes to float64 (t2n), then
-    is resized (cv2.resize, INTER_CUBIC: ``upsample="bicubic"``)."""
-    from spn.models import upsample_maps
-
-    images = batch["image"].to(device)
-    out = model.forward_with_maps(images, classes=batch["label"].to(device), size=None)
-    maps = upsample_maps(out.maps.double(), tuple(images.shape[-2:]), mode=upsample)
-    return out.logits.float().cpu(), maps.cpu()
+    """Logits (float32) and the ground-truth class's maps (float64) of a batch, on the CPU."""
+    logits, maps = scored_maps(model, batch["image"].to(device), batch["label"].to(device), upsample)
+    return logits.float().cpu(), maps.cpu()
 
 
 def pick_threshold(

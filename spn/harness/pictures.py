@@ -35,14 +35,15 @@ def write_grid(
     maps reach the image size as ``upsample`` says, in float64 (as ``spn evaluate`` scores
     them, so that the red box is the one it scored)."""
     from spn import viz
-    from spn.models import upsample_maps
+
+    from .evaluate import scored_maps
 
     tiles = []
     for index in range(min(count, len(dataset))):
         item = dataset[index]
         image = item["image"]
-        out = model.forward_with_maps(image[None].to(device), classes=torch.tensor([item["label"]]), size=None)
-        response = upsample_maps(out.maps.double(), tuple(image.shape[-2:]), mode=upsample)[0].cpu()
+        classes = torch.tensor([item["label"]], device=device)
+        response = scored_maps(model, image[None].to(device), classes, upsample)[1][0].cpu()
         if threshold is None:
             predicted = localize.boxes_from_maps(response[None])[0]
         else:

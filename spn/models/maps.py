@@ -148,8 +148,9 @@ def upsample_maps(
     ``cv2.resize(..., interpolation=cv2.INTER_CUBIC)``, to the last bit for float64 maps (float32
     ones within about 1e-6 of the range: OpenCV's float32 path computes differently), the
     resize of wsolevaluation's ``inference.py`` (which hands it float64 maps), used by
-    ``spn evaluate`` for the WSOL benchmarks: the cubic kernel with a = -0.75 at half-integer pixel centres, the border
-    replicated, each output coordinate and its four weights computed in float32 as OpenCV does,
+    ``spn evaluate`` for the WSOL benchmarks: the cubic kernel with a = -0.75 at half-integer
+    pixel centres, the border replicated, each output coordinate and its four weights computed
+    in float32 as OpenCV does,
     then the rows and the columns each summed in the maps' dtype, columns first, in OpenCV's
     order (``torch``'s own bicubic computes the weights in the input's precision and differs
     by up to 5e-6 of the map's range where the scale is not an integer). The two conventions
