@@ -17,6 +17,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from spn.data import DataError, ErasedRegions, WSOLDataset
+from spn.data import transforms as T
+from spn.data.erased import mask_file, read_mask, write_mask
 from spn.harness.checkpoint import CheckpointError, load_checkpoint
 from spn.harness.compare import _finished
 from spn.harness.config import ConfigError, RunConfig, build_dataset
@@ -121,6 +124,63 @@ def test_mean_pixel_counts_every_pixel_once(tmp_path):
     assert mean_pixel(paths) == pytest.approx([s / count for s in sums])
     with pytest.raises(ValueError, match="at least one"):
         mean_pixel([])
+
+
+def test_erased_regions_erase_as_the_images_are_read(tmp_path):
+    """A WSOL dataset given erasing masks returns each image with its mask's pixels at the fill,
+    before its transforms; bad folders are named."""
+    rng = np.random.default_rng(3)
+    images, metadata = tmp_path / "images", tmp_path / "metadata" / "train"
+    (images / "sub").mkdir(parents=True)
+    metadata.mkdir(parents=True)
+    arrays = {"a.png": rng.integers(0, 256, (5, 7, 3), dtype=np.uint8),
+              "sub/b.png": rng.integers(0, 256, (4, 3, 3), dtype=np.uint8)}  # fmt: skip
+    for name, array in arrays.items():
+        Image.fromarray(array).save(images / name)
+    (metadata / "image_ids.txt").write_text("a.png\nsub/b.png\n")
+    (metadata / "class_labels.txt").write_text("a.png,0\nsub/b.png,1\n")
+    (metadata / "image_sizes.txt").write_text("a.png,7,5\nsub/b.png,3,4\n")
+    (metadata / "localization.txt").write_text("a.png,0,0,1,1\nsub/b.png,0,0,1,1\n")
+    folder = tmp_path / "erased"
+    masks = {name: rng.random(array.shape[:2]) < 0.4 for name, array in arrays.items()}
+    for name, mask in masks.items():
+        write_mask(mask_file(folder, name), mask)
+    (folder / "erasing.json").write_text(json.dumps({"fill": [1, 2, 250]}))
+
+    plain = WSOLDataset(images, tmp_path / "metadata", "train", normalize=False)
+    erased = WSOLDataset(images, tmp_path / "metadata", "train", normalize=False, erased=ErasedRegions(folder))
+    for index, name in enumerate(arrays):
+        expected = arrays[name].astype(np.float32) / 255
+        for i, j in zip(*np.nonzero(masks[name]), strict=True):
+            expected[i, j] = np.array([1, 2, 250]) / 255
+        got = erased[index]["image"].permute(1, 2, 0).numpy()
+        assert np.array_equal(got, expected), name
+        assert np.array_equal(plain[index]["image"].permute(1, 2, 0).numpy(), arrays[name] / np.float32(255))
+    # the resize comes after the erasing: the erased image, resized
+    small = WSOLDataset(images, tmp_path / "metadata", "train", resize=(2, 2), normalize=False,
+                        erased=ErasedRegions(folder))  # fmt: skip
+    reference = T.resize(Image.fromarray(ErasedRegions(folder).erase("a.png", arrays["a.png"])), (2, 2))
+    assert np.array_equal(small[0]["image"].numpy(), T.to_tensor(reference, False).numpy())
+
+    # bad folders, named
+    mask_file(folder, "sub/b.png").unlink()
+    with pytest.raises(DataError, match=r"image_ids.txt:2: image 'sub/b.png' has no erasing mask .*1 of the split's 2"):
+        WSOLDataset(images, tmp_path / "metadata", "train", erased=ErasedRegions(folder))
+    write_mask(mask_file(folder, "sub/b.png"), np.zeros((3, 4), dtype=bool))  # transposed
+    with pytest.raises(DataError, match=r"b.png.png: the erasing mask is 4 x 3, the image 'sub/b.png' is 3 x 4"):
+        WSOLDataset(images, tmp_path / "metadata", "train", erased=ErasedRegions(folder))[1]
+    mask_file(folder, "sub/b.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="cannot decode the erasing mask"):
+        WSOLDataset(images, tmp_path / "metadata", "train", erased=ErasedRegions(folder))[1]
+    bad = {"{": "cannot read the erasing manifest", '{"fill": [1, 2]}': "three integers",
+           '{"fill": [1, 2, 256]}': "three integers", '{"fill": [1, 2, true]}': "three integers"}  # fmt: skip
+    for text, message in bad.items():
+        (folder / "erasing.json").write_text(text)
+        with pytest.raises(DataError, match=message):
+            ErasedRegions(folder)
+    (folder / "erasing.json").unlink()
+    with pytest.raises(DataError, match=r"erasing\.json: no erasing manifest"):
+        ErasedRegions(folder)
 
 
 def test_merge_maps_is_the_max_of_normalised_maps():
@@ -232,6 +292,9 @@ def test_step_two_images_are_step_one_images_with_the_mined_region_erased(ae_run
     assert manifest["fill"] == fill
 
     step1 = load_trained(dataclasses.replace(config, out=str(ae_run / "step1"), data=str(digits))).eval()
+    step2_config = AdversarialErasing(steps=2, fraction=0.25).step_config(config, 2)
+    step2_train = build_dataset(step2_config, "train", train=True)
+    step2_train.crop = None  # the training transforms without their random crop (digits: no flip)
     for index in (0, 7, len(train) - 1):
         item = train[index]
         with torch.no_grad():
@@ -241,11 +304,26 @@ def test_step_two_images_are_step_one_images_with_the_mined_region_erased(ae_run
         region = ref_top(full.tolist(), 0.25)
         assert sum(map(sum, region)) == math.floor(0.25 * height * width + 0.5)
         original = np.asarray(Image.open(digits / "images" / item["path"]).convert("RGB"))
-        erased = np.asarray(Image.open(ae_run / "erased" / "step2" / "images" / item["path"]).convert("RGB"))
+        expected = original.copy()
         for i in range(height):
             for j in range(width):
-                expected = fill if region[i][j] else original[i, j].tolist()
-                assert erased[i, j].tolist() == expected, (index, i, j)
+                if region[i][j]:
+                    expected[i, j] = fill
+        # the mask on disk is the region, and step 2's training images are the originals erased by it
+        assert read_mask(mask_file(ae_run / "erased" / "step2", item["path"])).tolist() == region
+        item2 = step2_train[index]
+        assert item2["path"] == item["path"]
+        torch.testing.assert_close(item2["image"], T.to_tensor(Image.fromarray(expected), True), rtol=0, atol=0)
+
+    # no copy of the training set: one mask per image and the manifest, nothing else
+    files = sorted(path.relative_to(ae_run / "erased" / "step2") for path in (ae_run / "erased" / "step2").rglob("*")
+                   if path.is_file())  # fmt: skip
+    assert files == sorted([Path("erasing.json")] + [Path("masks") / f"{path}.png" for path in train.paths])
+    masks = [read_mask(mask_file(ae_run / "erased" / "step2", path)) for path in train.paths]
+    share = sum(int(mask.sum()) for mask in masks) / sum(mask.size for mask in masks)
+    assert manifest["mined_share"] == manifest["erased_share"] == pytest.approx(share, rel=1e-12)
+    # the evaluation split is never erased
+    assert build_dataset(step2_config, "test", train=False).erased is None
 
     # the same regions from the public helper
     mined = dict(mine_regions(step1, train, 0.25))
@@ -314,8 +392,8 @@ def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
         full = F.interpolate(cam[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         region = ref_top(full.tolist(), 0.25)
         original = np.asarray(Image.open(digits / "images" / item["path"]).convert("RGB"))
-        before = np.asarray(Image.open(out / "erased" / "step2" / "images" / item["path"]).convert("RGB"))
-        after = np.asarray(Image.open(out / "erased" / "step3" / "images" / item["path"]).convert("RGB"))
+        before = ErasedRegions(out / "erased" / "step2").erase(item["path"], original)
+        after = ErasedRegions(out / "erased" / "step3").erase(item["path"], original)
         erased_before = 0
         for i in range(height):
             for j in range(width):
@@ -324,3 +402,17 @@ def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
                 expected = fill if (region[i][j] or was_erased) else original[i, j].tolist()
                 assert after[i, j].tolist() == expected, (index, i, j)
         assert erased_before > 0
+
+
+def test_a_run_with_erased_image_copies_is_refused(ae_run, tmp_path):
+    """Runs of an older spn kept erased copies of the images where masks are kept now: named, not
+    silently trained on the unerased images."""
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ae_run, out)
+    shutil.rmtree(out / "erased" / "step2" / "masks")
+    (out / "erased" / "step2" / "images").mkdir()
+    config = dataclasses.replace(RunConfig.load(out), out=str(out))
+    with pytest.raises(MethodError, match=r"step2: holds erased image copies, written by an older spn"):
+        config.training_method()._write_erased(config, 2)

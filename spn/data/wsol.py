@@ -30,6 +30,7 @@ from spn.localize import resize_boxes
 
 from . import transforms
 from ._errors import DataError
+from .erased import ErasedRegions
 
 __all__ = ["WSOLDataset", "collate"]
 
@@ -80,6 +81,9 @@ class WSOLDataset(Dataset):
         normalize: ImageNet mean / std normalisation.
         mask_root: the folder mask paths are relative to (default: ``image_root``).
         num_classes: the number of classes (labels must be below it); default: max label + 1.
+        erased: `spn.data.erased.ErasedRegions` whose masks each image is erased by as it is
+            read, before any transform (adversarial erasing's later steps); every image of the
+            split must have its mask.
     """
 
     def __init__(
@@ -95,6 +99,7 @@ class WSOLDataset(Dataset):
         normalize: bool = True,
         mask_root: str | os.PathLike[str] | None = None,
         num_classes: int | None = None,
+        erased: ErasedRegions | None = None,
     ) -> None:
         self.image_root = Path(image_root)
         self.mask_root = Path(mask_root) if mask_root is not None else self.image_root
@@ -105,6 +110,7 @@ class WSOLDataset(Dataset):
         self.crop = None if crop is None else (int(crop[0]), int(crop[1]))
         self.flip = bool(flip)
         self.normalize = bool(normalize)
+        self.erased = erased
         if not self.folder.is_dir():
             raise DataError(f"{self.folder}: no such split folder (metadata root {metadata_root}, split {split!r})")
         self._read(num_classes)
@@ -178,6 +184,13 @@ class WSOLDataset(Dataset):
         if missing_files:
             path = missing_files[0]
             raise DataError(f"{ids_file}:{seen[path]}: image {path!r} not found under {self.image_root}")
+        missing_masks = self.erased.missing(self.paths) if self.erased is not None else []
+        if self.erased is not None and missing_masks:
+            path = missing_masks[0]
+            raise DataError(
+                f"{ids_file}:{seen[path]}: image {path!r} has no erasing mask ({self.erased.mask_path(path)}; "
+                f"{len(missing_masks)} of the split's {len(self.paths)} images have none)"
+            )
 
     def _known(self, path: str, file: Path, number: int, seen: dict[str, int]) -> None:
         if path not in seen:
@@ -234,6 +247,8 @@ class WSOLDataset(Dataset):
                 f"{self.image_root / path}: the image is {image.size[0]} x {image.size[1]}, "
                 f"image_sizes.txt says {size[1]} x {size[0]}"
             )
+        if self.erased is not None:
+            image = Image.fromarray(self.erased.erase(path, np.asarray(image)))
         out_size = self.resize or size
         tensor = transforms.to_tensor(transforms.resize(image, out_size), self.normalize)
         label = self.labels[index]

@@ -39,6 +39,7 @@ class RunConfig:
     data: str | None = None
     metadata: str | None = None
     mask_root: str | None = None
+    erased: str | None = None  # no flag: a folder of erasing masks for the training split (AE's steps)
     method: str = "default"
     method_options: dict[str, Any] = dataclasses.field(default_factory=dict)  # --method-option KEY=VALUE
     epochs: int = 40
@@ -182,9 +183,17 @@ def _base_model(config: RunConfig, num_classes: int) -> Network:
 
 
 def build_dataset(config: RunConfig, split: str, train: bool) -> Any:
-    """The dataset of ``split`` with the training or the evaluation transforms of ``config``."""
+    """The dataset of ``split`` with the training or the evaluation transforms of ``config``;
+    the training split's images erased by ``config.erased``'s masks when it names a folder
+    (`spn.data.erased`; set by adversarial erasing's steps), with training or evaluation
+    transforms alike (the steps mine regions on the images they train on)."""
     from spn import data
 
+    erased = None
+    if config.erased is not None and split == config.training_split():
+        if config.dataset == "voc":
+            raise ConfigError("erased training images (adversarial erasing) are not supported for --dataset voc")
+        erased = data.ErasedRegions(config.erased)
     if config.dataset == "voc":
         voc = getattr(data, "VOCDataset", None)
         if voc is None:
@@ -194,12 +203,13 @@ def build_dataset(config: RunConfig, split: str, train: bool) -> Any:
         root = config.data_root()
         metadata = Path(config.metadata) if config.metadata else root / "metadata"
         return data.WSOLDataset(root / "images", metadata, split, **_transform_options(config, train, default=None),
-                                mask_root=root / "masks")
+                                mask_root=root / "masks", erased=erased)
     return data.WSOLDataset(
         config.data_root(),
         Path(config.metadata) if config.metadata else config.data_root() / "metadata",
         split,
         mask_root=config.mask_root,
+        erased=erased,
         **_transform_options(config, train, default=(256, 224)),
     )
 

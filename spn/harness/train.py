@@ -323,7 +323,7 @@ def _check_same_run(config: RunConfig, state: dict[str, Any], path: Path) -> Non
     saved = json.loads(state.get("config", "{}"))
     mine = json.loads(json_config(config))  # both through JSON: tuples become lists on both sides
     # what may change between a run and its resumption: how long, how fast, where the data is
-    free = {"epochs", "workers", "data", "metadata", "mask_root", "num_classes", "out"}
+    free = {"epochs", "workers", "data", "metadata", "mask_root", "erased", "num_classes", "out"}
     differing = sorted(key for key in set(saved) | set(mine) if key not in free and saved.get(key) != mine.get(key))
     if differing:
         details = ", ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {mine.get(key)!r} now" for key in differing)

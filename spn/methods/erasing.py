@@ -23,7 +23,6 @@ the steps into ``RUN_DIR/step{k}``. See ``docs/methods/ae.md``.
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import math
 import os
@@ -38,6 +37,7 @@ import torch
 from PIL import Image
 from torch import nn
 
+from spn.data.erased import ErasedRegions, erase_pixels, mask_file, read_mask, write_mask
 from spn.models import Network
 from spn.models.heads import HeadOutput, HeadState, WSOLHead
 from spn.models.maps import ClassSpec, resolve_classes, upsample_maps
@@ -92,24 +92,6 @@ def top_fraction_mask(maps: torch.Tensor, fraction: float) -> torch.Tensor:
         constant = flat.amax(dim=-1, keepdim=True) == flat.amin(dim=-1, keepdim=True)
         mask &= ~constant
     return mask.view(maps.shape)
-
-
-def erase_pixels(image: np.ndarray, mask: np.ndarray, fill: Sequence[int]) -> np.ndarray:
-    """A copy of ``image`` (H, W, 3) uint8 with the pixels of ``mask`` (H, W) set to ``fill``.
-
-    Example:
-        >>> erase_pixels(np.zeros((1, 2, 3), np.uint8), np.array([[True, False]]), (9, 8, 7))[0]
-        array([[9, 8, 7],
-               [0, 0, 0]], dtype=uint8)
-    """
-    image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"image must be uint8 (H, W, 3), got {image.dtype} {image.shape}")
-    if np.shape(mask) != image.shape[:2]:
-        raise ValueError(f"mask must be (H, W) = {image.shape[:2]}, got {np.shape(mask)}")
-    erased = image.copy()
-    erased[np.asarray(mask, dtype=bool)] = np.asarray(fill, dtype=np.uint8)
-    return erased
 
 
 def mean_pixel(paths: Sequence[str | os.PathLike[str]]) -> tuple[float, float, float]:
@@ -232,12 +214,6 @@ def _read_rgb(path: Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _device() -> torch.device:
     return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
@@ -252,12 +228,14 @@ class AdversarialErasing(Method):
             erases (0.2, the paper's "top 20%").
         merge: how many of the first steps' maps the localization map merges (3, the paper's).
 
-    Run directory: ``RUN_DIR/step{k}`` is step k's ordinary run (config, metrics,
-    checkpoint); ``RUN_DIR/erased/step{k}`` the training images of step k >= 2 (PNG data under
-    the original file names, written to a temporary folder and renamed into place, with an
-    ``erasing.json`` manifest); ``RUN_DIR/config.json``, ``RUN_DIR/metrics.jsonl`` (every
-    step's epochs, each line with its ``step``) and ``RUN_DIR/checkpoint.pt`` (a marker with
-    ``epoch`` 0 while the steps run; at the end the last step's checkpoint with ``ae_steps``).
+    Run directory: ``RUN_DIR/step{k}`` is step k's ordinary run (config, metrics, checkpoint);
+    ``RUN_DIR/erased/step{k}`` what step k >= 2 erases from the training images
+    (`spn.data.erased`: a 1-bit PNG mask per image, the union of the regions steps 1..k-1 mined,
+    and an ``erasing.json`` manifest with the fill; written to a temporary folder and renamed
+    into place), applied as the images are read: no copy of the training set;
+    ``RUN_DIR/config.json``, ``RUN_DIR/metrics.jsonl`` (every step's epochs, each line with its
+    ``step``) and ``RUN_DIR/checkpoint.pt`` (a marker with ``epoch`` 0 while the steps run; at
+    the end the last step's checkpoint with ``ae_steps``).
 
     Example:
         >>> AdversarialErasing(steps=2).options
@@ -378,20 +356,17 @@ class AdversarialErasing(Method):
 
     def step_config(self, config: Any, step: int) -> Any:
         """The `spn.harness.config.RunConfig` of step ``step`` (1-based) of the AE run ``config``:
-        ``out`` = ``RUN_DIR/step{k}``; from step 2 on the data are the erased images."""
+        ``out`` = ``RUN_DIR/step{k}``; from step 2 on the training images are erased by
+        ``RUN_DIR/erased/step{k}``'s masks (``erased``)."""
         out = Path(config.out)
-        data_root = config.data_root()
-        changes: dict[str, Any] = {"out": str(out / f"step{step}"), "data": str(data_root)}
+        changes: dict[str, Any] = {"out": str(out / f"step{step}"), "data": str(config.data_root())}
         if step > 1:
-            metadata = Path(config.metadata) if config.metadata else data_root / "metadata"
-            changes.update(data=str(_erased_dir(out, step)), metadata=str(metadata))
-            if config.dataset != "digits":
-                changes["mask_root"] = str(config.mask_root or data_root)
+            changes["erased"] = str(_erased_dir(out, step))
         return dataclasses.replace(config, **changes)
 
     def _write_erased(self, config: Any, step: int) -> None:
-        """Write the training images of ``step`` (>= 2): step ``step - 1``'s images with the
-        region its classifier mines erased to the mean pixel; atomically, once."""
+        """Write the erasing masks of ``step`` (>= 2): the union of step ``step - 1``'s masks and the
+        region its classifier mines on its own (erased) images; atomically, once."""
         from spn.harness.checkpoint import write_json
         from spn.harness.config import build_dataset
         from spn.harness.evaluate import load_trained
@@ -399,21 +374,27 @@ class AdversarialErasing(Method):
         out = Path(config.out)
         target = _erased_dir(out, step)
         if target.is_dir():
+            if not (target / "masks").is_dir():
+                raise MethodError(
+                    f"{target}: holds erased image copies, written by an older spn; this version keeps masks "
+                    "there: train the AE run anew (a new --out)"
+                )
             return
         for stale in out.glob(f"erased/.step{step}.tmp-*"):
             shutil.rmtree(stale, ignore_errors=True)
         previous = self.step_config(config, step - 1)
         previous_config = json.loads((Path(previous.out) / "config.json").read_text())
         previous = dataclasses.replace(previous, num_classes=previous_config["num_classes"])
-        dataset = build_dataset(previous, previous.training_split(), train=False)
+        dataset = build_dataset(previous, previous.training_split(), train=False)  # step - 1's images
         if step == 2:
             fill_mean = mean_pixel([dataset.image_root / path for path in dataset.paths])
         else:
             fill_mean = tuple(json.loads((_erased_dir(out, 2) / "erasing.json").read_text())["mean_pixel"])
         fill = [math.floor(value + 0.5) for value in fill_mean]
+        earlier = ErasedRegions(_erased_dir(out, step - 1)) if step > 2 else None
         network = load_trained(previous)
         temporary = out / "erased" / f".step{step}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-        images = temporary / "images" if config.dataset == "digits" else temporary
+        mined_pixels = 0
         erased_pixels = 0
         total_pixels = 0
         try:
@@ -421,16 +402,16 @@ class AdversarialErasing(Method):
             device = getattr(self, "_device", None) or _device()  # the run's (set by fit), else the default
             for index, mask in mine_regions(network, dataset, self.options["fraction"], device):
                 path = dataset.paths[index]
-                source = _read_rgb(dataset.image_root / path)
-                destination = images / path
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                destination.write_bytes(_png_bytes(erase_pixels(source, mask, fill)))
-                erased_pixels += int(mask.sum())
+                region = mask | read_mask(earlier.mask_path(path)) if earlier is not None else mask
+                write_mask(mask_file(temporary, path), region)
+                mined_pixels += int(mask.sum())
+                erased_pixels += int(region.sum())
                 total_pixels += mask.size
             write_json(temporary / "erasing.json", {
                 "step": step, "from": f"step{step - 1}", "fraction": self.options["fraction"],
                 "mean_pixel": list(fill_mean), "fill": fill, "images": len(dataset),
-                "mined_share": erased_pixels / max(total_pixels, 1),
+                "mined_share": mined_pixels / max(total_pixels, 1),
+                "erased_share": erased_pixels / max(total_pixels, 1),
             })  # fmt: skip
             os.rename(temporary, target)
         finally:
