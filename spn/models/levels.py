@@ -38,7 +38,7 @@ class FeatureLevels(nn.Module):
         >>> from spn.models import SmallBackbone
         >>> levels = FeatureLevels(SmallBackbone(widths=(8, 16, 32)), levels=2)
         >>> [tuple(x.shape) for x in levels(torch.rand(1, 3, 32, 32))]
-        [(1, 16, 8, 8), (1, 32, 8, 8)]
+        [(1, 16, 16, 16), (1, 32, 8, 8)]
     """
 
     def __init__(self, backbone: nn.Module, levels: int) -> None:
