@@ -370,7 +370,8 @@ def test_killed_in_step_two_resumes_to_the_same_weights(ae_run, digits, tmp_path
 
 
 def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
-    """Step 3's images: step 2's images (already erased by step 1) with step 2's region erased too."""
+    """Step 3's images: step 2's images (already erased by step 1) with the region step 2's
+    classifier mines on them erased too; step 4's masks hold step 3's."""
     import shutil
 
     out = tmp_path / "run"
@@ -385,15 +386,18 @@ def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
     step2 = load_trained(method.step_config(config, 2)).eval()
     images2 = build_dataset(method.step_config(config, 2), "train", train=False)
     for index in (1, len(images2) - 2):
-        item = images2[index]
-        with torch.no_grad():
-            cam = step2.forward_with_maps(item["image"][None], classes=torch.tensor([item["label"]]), size=None)[1]
-        height, width = item["size"]
+        path = images2.paths[index]
+        original = np.asarray(Image.open(digits / "images" / path).convert("RGB"))
+        before = original.copy()  # step 2's image: the original with step 2's mask at the fill
+        before[read_mask(mask_file(out / "erased" / "step2", path))] = fill
+        image = T.to_tensor(Image.fromarray(before), True)
+        torch.testing.assert_close(images2[index]["image"], image, rtol=0, atol=0)  # what step 2 trained on
+        with torch.no_grad():  # the region step 2's classifier mines on it
+            cam = step2.forward_with_maps(image[None], classes=torch.tensor([images2.labels[index]]), size=None)[1]
+        height, width = original.shape[:2]
         full = F.interpolate(cam[None].float(), size=(height, width), mode="bilinear", align_corners=False)[0, 0]
         region = ref_top(full.tolist(), 0.25)
-        original = np.asarray(Image.open(digits / "images" / item["path"]).convert("RGB"))
-        before = ErasedRegions(out / "erased" / "step2").erase(item["path"], original)
-        after = ErasedRegions(out / "erased" / "step3").erase(item["path"], original)
+        after = ErasedRegions(out / "erased" / "step3").erase(path, original)
         erased_before = 0
         for i in range(height):
             for j in range(width):
@@ -402,6 +406,18 @@ def test_step_three_images_keep_the_earlier_erasures(ae_run, digits, tmp_path):
                 expected = fill if (region[i][j] or was_erased) else original[i, j].tolist()
                 assert after[i, j].tolist() == expected, (index, i, j)
         assert erased_before > 0
+
+    # step 4 (step 2's classifier standing in for step 3's): its masks hold step 3's, and more
+    shutil.copytree(out / "step2", out / "step3")
+    config4 = dataclasses.replace(config, method_options={"steps": 4, "fraction": 0.25})
+    config4.training_method()._write_erased(config4, 4)
+    grown = 0
+    for path in images2.paths:
+        step3_mask = read_mask(mask_file(out / "erased" / "step3", path))
+        step4_mask = read_mask(mask_file(out / "erased" / "step4", path))
+        assert not (step3_mask & ~step4_mask).any(), path
+        grown += int(step4_mask.sum() - step3_mask.sum())
+    assert grown > 0
 
 
 def test_a_run_with_erased_image_copies_is_refused(ae_run, tmp_path):
