@@ -182,6 +182,21 @@ def test_erased_regions_erase_as_the_images_are_read(tmp_path):
     with pytest.raises(DataError, match=r"erasing\.json: no erasing manifest"):
         ErasedRegions(folder)
 
+    # a mask stays inside its folder: no absolute paths, no '..'
+    assert mask_file(folder, "sub/b.png") == folder / "masks" / "sub" / "b.png.png"
+    for bad in ("/abs/a.png", "../a.png", "sub/../../a.png", "sub\\..\\..\\a.png", "C:\\a.png"):
+        with pytest.raises(DataError, match=r"must be relative to the image root, without '\.\.'"):
+            mask_file(folder, bad)
+    Image.fromarray(arrays["a.png"]).save(tmp_path / "outside.png")
+    (metadata / "image_ids.txt").write_text("a.png\n../outside.png\n")
+    (metadata / "class_labels.txt").write_text("a.png,0\n../outside.png,1\n")
+    (metadata / "image_sizes.txt").write_text("a.png,7,5\n../outside.png,7,5\n")
+    (metadata / "localization.txt").write_text("a.png,0,0,1,1\n../outside.png,0,0,1,1\n")
+    (folder / "erasing.json").write_text(json.dumps({"fill": [1, 2, 250]}))
+    assert len(WSOLDataset(images, tmp_path / "metadata", "train")) == 2  # fine unerased
+    with pytest.raises(DataError, match=r"image_ids.txt:2: '../outside.png': an erased image's path must be relative"):
+        WSOLDataset(images, tmp_path / "metadata", "train", erased=ErasedRegions(folder))
+
 
 def test_merge_maps_is_the_max_of_normalised_maps():
     torch.manual_seed(0)
@@ -432,3 +447,28 @@ def test_a_run_with_erased_image_copies_is_refused(ae_run, tmp_path):
     config = dataclasses.replace(RunConfig.load(out), out=str(out))
     with pytest.raises(MethodError, match=r"step2: holds erased image copies, written by an older spn"):
         config.training_method()._write_erased(config, 2)
+
+
+def test_resuming_a_step_keeps_its_erasing_and_a_bad_manifest_is_named(ae_run, tmp_path):
+    """A step's run may find its masks folder moved, not gone (nor a plain run gain one); a
+    step-2 manifest without the mean pixel later steps fill with is named."""
+    import shutil
+
+    from spn.harness.train import _check_same_run
+
+    step2 = RunConfig.load(ae_run / "step2")
+    state = load_checkpoint(ae_run / "step2" / "checkpoint.pt")
+    _check_same_run(dataclasses.replace(step2, erased="/elsewhere/erased/step2"), state, Path("c.pt"))
+    with pytest.raises(CheckpointError, match=r"another run .*erased"):
+        _check_same_run(dataclasses.replace(step2, erased=None), state, Path("c.pt"))
+    step1_state = load_checkpoint(ae_run / "step1" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match=r"another run .*erased"):
+        _check_same_run(dataclasses.replace(step2, out=str(ae_run / "step1")), step1_state, Path("c.pt"))
+
+    out = tmp_path / "run"
+    shutil.copytree(ae_run, out)
+    manifest = out / "erased" / "step2" / "erasing.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "mean_pixel": [1, 2]}))
+    config = dataclasses.replace(RunConfig.load(out), out=str(out), method_options={"steps": 3, "fraction": 0.25})
+    with pytest.raises(MethodError, match=r"step2/erasing\.json: 'mean_pixel' must be three numbers"):
+        config.training_method()._write_erased(config, 3)

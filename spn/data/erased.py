@@ -8,8 +8,8 @@ A folder of erasing masks:
 
 A dataset given `ErasedRegions` returns each image with its mask's pixels set to the fill,
 before any resize, crop or flip: exactly the pixels an erased copy of the image would hold,
-without a copy of the training set on disk (a 1-bit mask is a few hundred bytes where a
-lossless copy of an ILSVRC image is hundreds of kilobytes).
+without a copy of the training set on disk (a 1-bit mask of a 500 x 375 image holds a few
+kilobytes where a lossless copy of it holds hundreds).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -48,7 +48,14 @@ def erase_pixels(image: np.ndarray, mask: np.ndarray, fill: Sequence[int]) -> np
 
 
 def mask_file(folder: str | os.PathLike[str], path: str) -> Path:
-    """Where the erasing mask of the image at metadata path ``path`` lies in ``folder``."""
+    """Where the erasing mask of the image at metadata path ``path`` lies in ``folder``: inside
+    it, so a path must be relative and stay below the image root (no ``..``)."""
+    parts = PurePosixPath(path.replace("\\", "/"))
+    if parts.is_absolute() or PureWindowsPath(path).is_absolute() or ".." in parts.parts:
+        raise DataError(
+            f"{path!r}: an erased image's path must be relative to the image root, without '..' "
+            "(its mask is kept under the same path inside the masks folder)"
+        )
     return Path(folder) / "masks" / f"{path}.png"
 
 
@@ -83,11 +90,10 @@ class ErasedRegions:
 
     Example:
         >>> import tempfile
-        >>> folder = Path(tempfile.mkdtemp())
-        >>> _ = (folder / "erasing.json").write_text('{"fill": [9, 8, 7]}')
-        >>> write_mask(folder / "masks" / "a.jpg.png", np.array([[True, False]]))
-        >>> regions = ErasedRegions(folder)
-        >>> regions.erase("a.jpg", np.zeros((1, 2, 3), np.uint8))[0].tolist()
+        >>> with tempfile.TemporaryDirectory() as folder:
+        ...     _ = (Path(folder) / "erasing.json").write_text('{"fill": [9, 8, 7]}')
+        ...     write_mask(mask_file(folder, "a.jpg"), np.array([[True, False]]))
+        ...     ErasedRegions(folder).erase("a.jpg", np.zeros((1, 2, 3), np.uint8))[0].tolist()
         [[9, 8, 7], [0, 0, 0]]
     """
 
@@ -112,10 +118,6 @@ class ErasedRegions:
     def mask_path(self, path: str) -> Path:
         """Where the mask of the image at metadata path ``path`` lies."""
         return mask_file(self.folder, path)
-
-    def missing(self, paths: Sequence[str]) -> list[str]:
-        """The image paths among ``paths`` that have no mask here."""
-        return [path for path in paths if not self.mask_path(path).is_file()]
 
     def erase(self, path: str, image: np.ndarray) -> np.ndarray:
         """``image`` (H, W, 3) uint8, the image at metadata path ``path``, with its mask erased."""

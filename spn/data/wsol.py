@@ -184,12 +184,22 @@ class WSOLDataset(Dataset):
         if missing_files:
             path = missing_files[0]
             raise DataError(f"{ids_file}:{seen[path]}: image {path!r} not found under {self.image_root}")
-        missing_masks = self.erased.missing(self.paths) if self.erased is not None else []
-        if self.erased is not None and missing_masks:
-            path = missing_masks[0]
+        if self.erased is not None:
+            self._check_masks(self.erased, ids_file, seen)
+
+    def _check_masks(self, erased: ErasedRegions, ids_file: Path, seen: dict[str, int]) -> None:
+        missing = []
+        for path in self.paths:
+            try:
+                if not erased.mask_path(path).is_file():
+                    missing.append(path)
+            except DataError as error:
+                raise DataError(f"{ids_file}:{seen[path]}: {error}") from None
+        if missing:
+            path = missing[0]
             raise DataError(
-                f"{ids_file}:{seen[path]}: image {path!r} has no erasing mask ({self.erased.mask_path(path)}; "
-                f"{len(missing_masks)} of the split's {len(self.paths)} images have none)"
+                f"{ids_file}:{seen[path]}: image {path!r} has no erasing mask ({erased.mask_path(path)}; "
+                f"{len(missing)} of the split's {len(self.paths)} images have none)"
             )
 
     def _known(self, path: str, file: Path, number: int, seen: dict[str, int]) -> None:

@@ -325,6 +325,8 @@ def _check_same_run(config: RunConfig, state: dict[str, Any], path: Path) -> Non
     # what may change between a run and its resumption: how long, how fast, where the data is
     free = {"epochs", "workers", "data", "metadata", "mask_root", "erased", "num_classes", "out"}
     differing = sorted(key for key in set(saved) | set(mine) if key not in free and saved.get(key) != mine.get(key))
+    if (saved.get("erased") is None) != (mine.get("erased") is None):  # its folder may move, not come or go
+        differing.append("erased")
     if differing:
         details = ", ".join(f"{key}: {saved.get(key)!r} in the checkpoint, {mine.get(key)!r} now" for key in differing)
         raise CheckpointError(f"{path}: the checkpoint is of another run ({details})")

@@ -273,7 +273,7 @@ class AdversarialErasing(Method):
         device: torch.device | None = None,
     ) -> dict[str, Any]:
         """Train the steps into ``RUN_DIR/step{k}``, resuming at the step and epoch a killed
-        run was in; write the erased images between steps (mining on ``device``, the run's) and
+        run was in; mine the erasing masks between steps (on ``device``, the run's) and write
         the top-level run files."""
         self._device = device if device is not None else _device()
         from spn._io import remove_stale_temporaries
@@ -389,7 +389,7 @@ class AdversarialErasing(Method):
         if step == 2:
             fill_mean = mean_pixel([dataset.image_root / path for path in dataset.paths])
         else:
-            fill_mean = tuple(json.loads((_erased_dir(out, 2) / "erasing.json").read_text())["mean_pixel"])
+            fill_mean = _manifest_mean(_erased_dir(out, 2) / "erasing.json")
         fill = [math.floor(value + 0.5) for value in fill_mean]
         earlier = ErasedRegions(_erased_dir(out, step - 1)) if step > 2 else None
         network = load_trained(previous)
@@ -428,6 +428,18 @@ class AdversarialErasing(Method):
                     if line.strip():
                         lines.append(json.dumps({**json.loads(line), "step": step}, sort_keys=True))
         write_text(out / "metrics.jsonl", "".join(f"{line}\n" for line in lines))
+
+
+def _manifest_mean(manifest: Path) -> tuple[float, float, float]:
+    """The training images' mean pixel that step 2's manifest recorded (later steps fill with it)."""
+    try:
+        values = json.loads(manifest.read_text()).get("mean_pixel")
+        red, green, blue = (float(value) for value in values)
+    except (OSError, ValueError, TypeError, AttributeError) as error:
+        raise MethodError(
+            f"{manifest}: 'mean_pixel' must be three numbers (the training images' mean RGB): {error}"
+        ) from None
+    return red, green, blue
 
 
 def _erased_dir(out: Path, step: int) -> Path:
