@@ -293,6 +293,14 @@ def test_run_files_and_evaluation(ae_run, digits):
     # merge=1: step 1's maps alone
     only = AdversarialErasing(steps=2, merge=1).load_model(config_obj, ae_run, load_trained)
     assert len(only.networks) == 1
+    # one step's own run is its classifier alone, scored on the unerased test images
+    step2_config = RunConfig.load(ae_run / "step2")
+    single = AdversarialErasing(steps=2).load_model(step2_config, ae_run / "step2", load_trained).eval()
+    assert not isinstance(single, MergedCAMNetwork)
+    with torch.no_grad():
+        torch.testing.assert_close(single(images), load_trained(step2_config).eval()(images))
+    step_results = evaluate_run(ae_run / "step2", split="test", interval=0.05)
+    assert all(0.0 <= step_results[key] <= 1.0 for key in ("top1_cls", "max_box_acc_v2", "pxap"))
 
 
 def test_step_two_images_are_step_one_images_with_the_mined_region_erased(ae_run, digits):

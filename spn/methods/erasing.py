@@ -336,9 +336,13 @@ class AdversarialErasing(Method):
         return record
 
     def load_model(self, config: Any, run_dir: Path, build: Callable[[Any], Network]) -> Network:
-        """`MergedCAMNetwork` of the first ``min(merge, steps)`` steps (each finished)."""
+        """`MergedCAMNetwork` of the first ``min(merge, steps)`` steps (each finished); for one
+        step's own run (``spn evaluate --run RUN_DIR/step{k}``), that step's classifier alone."""
         from spn.harness.checkpoint import CheckpointError, load_checkpoint
 
+        marker = load_checkpoint(run_dir / "checkpoint.pt")
+        if "ae_step" not in marker and "ae_steps" not in marker:  # written by a step, not by fit
+            return build(config)
         networks = []
         for step in range(1, min(self.options["merge"], self.options["steps"]) + 1):
             step_config = self.step_config(dataclasses.replace(config, out=str(run_dir)), step)
