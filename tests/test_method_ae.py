@@ -480,3 +480,19 @@ def test_resuming_a_step_keeps_its_erasing_and_a_bad_manifest_is_named(ae_run, t
     config = dataclasses.replace(RunConfig.load(out), out=str(out), method_options={"steps": 3, "fraction": 0.25})
     with pytest.raises(MethodError, match=r"step2/erasing\.json: 'mean_pixel' must be three numbers"):
         config.training_method()._write_erased(config, 3)
+
+
+def test_masks_reach_the_disk_before_their_folder_appears(ae_run, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    out = tmp_path / "run"
+    shutil.copytree(ae_run, out)
+    shutil.rmtree(out / "erased" / "step2")
+    calls = []
+    real_rename = os.rename
+    monkeypatch.setattr(os, "sync", lambda: calls.append("sync"))
+    monkeypatch.setattr(os, "rename", lambda a, b: (calls.append(("rename", Path(b).name)), real_rename(a, b)))
+    config = dataclasses.replace(RunConfig.load(out), out=str(out))
+    config.training_method()._write_erased(config, 2)
+    assert calls == ["sync", ("rename", "step2")]

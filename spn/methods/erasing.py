@@ -417,6 +417,7 @@ class AdversarialErasing(Method):
                 "mined_share": mined_pixels / max(total_pixels, 1),
                 "erased_share": erased_pixels / max(total_pixels, 1),
             })  # fmt: skip
+            os.sync()  # the masks on disk before the folder appears (a power loss leaves no partial masks)
             os.rename(temporary, target)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
