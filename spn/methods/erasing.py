@@ -417,7 +417,8 @@ class AdversarialErasing(Method):
                 "mined_share": mined_pixels / max(total_pixels, 1),
                 "erased_share": erased_pixels / max(total_pixels, 1),
             })  # fmt: skip
-            os.sync()  # the masks on disk before the folder appears (a power loss leaves no partial masks)
+            if hasattr(os, "sync"):  # POSIX: the masks on disk before the folder appears (power loss)
+                os.sync()
             os.rename(temporary, target)
         finally:
             shutil.rmtree(temporary, ignore_errors=True)
