@@ -27,7 +27,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, summary) in COMMANDS.items():
             print(f"  {name:8s} {summary}", file=out)
         return 0 if asked else 2
-    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
+    code = int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
+    # Under torchrun: the process ends here, skipping the interpreter's shutdown, in which
+    # PyTorch's communication threads can abort it (spn.harness.distributed.end_process).
+    from spn.harness.distributed import end_process
+
+    return end_process(code)
 
 
 if __name__ == "__main__":

@@ -124,11 +124,40 @@ def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
     environment = {**os.environ, "OMP_NUM_THREADS": "1"}
     finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
     assert finished.returncode == 0, finished.stderr[-3000:]
+    assert "epoch 2/2" in finished.stdout  # rank 0's output arrives (end_process flushes it)
     one, two = weights(single), weights(double)
     for key in one:
         # same global batch of 8 (4 per process), gradients averaged by DDP: equal up to the
         # order of floating-point sums
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+END_PROCESS = """
+import atexit, sys
+from spn.harness import distributed
+atexit.register(lambda: print("the interpreter's shutdown ran", flush=True))
+if sys.argv[1] == "started":
+    distributed._started = True  # as setup leaves it under torchrun
+print("written before the end")  # a pipe: block-buffered, not flushed by print
+print("an error line", file=sys.stderr)
+sys.exit(distributed.end_process(5))
+"""
+
+
+@pytest.mark.parametrize("started", [True, False])
+def test_end_process_skips_the_shutdown_only_after_starting_a_process_group(started, tmp_path):
+    # Under torchrun the process ends without the interpreter's shutdown (where PyTorch's gloo
+    # threads can abort it), its output flushed and its exit code kept; otherwise as usual.
+    script = tmp_path / "end.py"
+    script.write_text(END_PROCESS)
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONUNBUFFERED"}
+    finished = subprocess.run(
+        [sys.executable, str(script), "started" if started else "not"],
+        capture_output=True, text=True, timeout=60, env=environment,
+    )  # fmt: skip
+    assert finished.returncode == 5
+    assert "written before the end" in finished.stdout and "an error line" in finished.stderr
+    assert ("the interpreter's shutdown ran" in finished.stdout) is not started
 
 
 def test_existing_run_is_not_overwritten(digits, tmp_path, capsys):

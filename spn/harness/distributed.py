@@ -11,13 +11,19 @@ rank 0 writes files.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 
-__all__ = ["Context", "setup", "shard", "teardown"]
+__all__ = ["Context", "end_process", "setup", "shard", "teardown"]
+
+# Whether setup started a process group in this process (see end_process).
+_started = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,13 +62,30 @@ def setup(device: str | None = None) -> Context:
     if use_cuda:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
+        global _started
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
+        _started = True
     return Context(rank=rank, world_size=world_size, device=target)
 
 
 def teardown(context: Context) -> None:
     if context.distributed and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code: int) -> int:
+    """Returns ``code``; but in a process where :func:`setup` started a process group, ends the
+    process now with it (``os._exit``, after flushing the logs and the standard streams),
+    without the interpreter's shutdown, during which PyTorch's communication threads can
+    abort it (see the module's docstring). Call it last, after :func:`teardown`: every file
+    is written (atomically) by then, and nothing is left for the shutdown to do."""
+    if not _started:
+        return code
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # closed or broken: nothing more can reach it
+            stream.flush()
+    os._exit(code)
 
 
 def shard(length: int, context: Context) -> list[int]:
