@@ -74,11 +74,20 @@ def teardown(context: Context) -> None:
 
 
 def end_process(code: int) -> int:
-    """Returns ``code``; but in a process where :func:`setup` started a process group, ends the
-    process now with it (``os._exit``, after flushing the logs and the standard streams),
-    without the interpreter's shutdown, during which PyTorch's communication threads can
-    abort it (see the module's docstring). Call it last, after :func:`teardown`: every file
-    is written (atomically) by then, and nothing is left for the shutdown to do."""
+    """End the process with ``code`` if :func:`setup` started a process group in it.
+
+    There it flushes the logs and the standard streams and calls ``os._exit(code)``, skipping
+    the interpreter's shutdown, during which PyTorch's communication threads can abort the
+    process (see the module's docstring). Call it last, after :func:`teardown`: every file is
+    written (atomically) by then, and nothing is left for the shutdown to do.
+
+    Args:
+        code: the process's exit status.
+
+    Returns:
+        ``code``, in a process without a process group started by :func:`setup` (elsewhere it
+        does not return).
+    """
     if not _started:
         return code
     logging.shutdown()
