@@ -132,6 +132,47 @@ def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
         torch.testing.assert_close(two[key], one[key], rtol=1e-4, atol=1e-5, msg=key)
 
 
+def test_evaluate_under_torchrun_equals_one_process(digits, tmp_path):
+    run = tmp_path / "run"
+    assert spn_main(train_args(digits, run, "--norm", "group", epochs=1)) == 0
+    single = tmp_path / "one.json"
+    assert spn_main(["evaluate", "--run", str(run), "--split", "test", "--json", str(single)]) == 0
+    double = tmp_path / "two.json"
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+        "-m", "spn", "evaluate", "--run-dir", str(run), "--split", "test", "--json", str(double),
+    ]  # fmt: skip
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert '"max_box_acc_v2"' in finished.stdout  # rank 0's headline, flushed by end_process
+    one, two = json.loads(single.read_text()), json.loads(double.read_text())
+    assert one["images"] == two["images"] == 20
+    numbers = [key for key, value in one.items() if isinstance(value, float)]
+    assert {"max_box_acc_v2", "pxap", "pointing_game", "top1_loc"} <= set(numbers)
+    for key in numbers:  # each image scored once, in one of the shards; the counts merged
+        assert two[key] == pytest.approx(one[key], rel=0, abs=1e-12), key
+
+
+def test_no_option_is_taken_by_torchrun():
+    # torchrun's parser reads every option of the command line, abbreviations included: an spn
+    # option that names one of its options, or begins one, stops it before spn starts
+    from torch.distributed.run import get_args_parser
+
+    from spn.harness import compare, evaluate, train
+
+    theirs = {name for action in get_args_parser()._actions for name in action.option_strings} - {"-h", "--help"}
+
+    def taken(name: str) -> bool:
+        return any(other == name or (name.startswith("--") and other.startswith(name)) for other in theirs)
+
+    for module in (train, evaluate, compare):
+        for action in module.build_parser()._actions:
+            names = set(action.option_strings) - {"-h", "--help"}
+            if names:  # at least one name of each option reaches spn under torchrun
+                assert not all(taken(name) for name in names), f"{module.__name__}: {sorted(names)} are torchrun's"
+
+
 END_PROCESS = """
 import atexit, sys
 from spn.harness import distributed

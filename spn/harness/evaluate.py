@@ -44,7 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="spn evaluate", description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--run", metavar="RUN_DIR", required=True, help="a directory written by `spn train`")
+    parser.add_argument(
+        "--run",
+        "--run-dir",
+        dest="run",
+        metavar="RUN_DIR",
+        required=True,
+        help="a directory written by `spn train` (under torchrun: --run-dir; torchrun reads --run as its --run-path)",
+    )
     parser.add_argument("--data", metavar="IMAGE_ROOT", help="override the run's image root")
     parser.add_argument("--metadata", metavar="META_ROOT", help="override the run's metadata root")
     parser.add_argument("--mask-root", metavar="DIR", help="override the run's mask root")
