@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import sys
+from typing import NoReturn
 
-__all__ = ["COMMANDS", "main"]
+__all__ = ["COMMANDS", "cli", "main"]
 
 COMMANDS = {
     "train": ("spn.harness.train", "train a WSOL network (resumable; torchrun for several processes)"),
@@ -27,13 +28,19 @@ def main(argv: list[str] | None = None) -> int:
         for name, (_, summary) in COMMANDS.items():
             print(f"  {name:8s} {summary}", file=out)
         return 0 if asked else 2
-    code = int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
-    # Under torchrun: the process ends here, skipping the interpreter's shutdown, in which
-    # PyTorch's communication threads can abort it (spn.harness.distributed.end_process).
+    return int(importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:]))
+
+
+def cli() -> NoReturn:
+    """The `spn` script and `python -m spn`: main's status is the process's. Under torchrun the
+    process ends as soon as the command returns, skipping the interpreter's shutdown, in which
+    PyTorch's communication threads can abort it (spn.harness.distributed.end_process); main()
+    called from Python returns, whatever the process group."""
+    code = main()
     from spn.harness.distributed import end_process
 
-    return end_process(code)
+    sys.exit(end_process(code))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli()

@@ -201,6 +201,19 @@ def test_end_process_skips_the_shutdown_only_after_starting_a_process_group(star
     assert ("the interpreter's shutdown ran" in finished.stdout) is not started
 
 
+def test_main_called_from_python_returns_under_a_process_group():
+    # only the `spn` script and `python -m spn` end the process (cli); a program that calls
+    # main() under torchrun goes on (in a subprocess: a regression would end this one)
+    code = (
+        "from spn.harness import distributed\n"
+        "distributed._started = True  # as setup leaves it under torchrun\n"
+        "from spn.__main__ import main\n"
+        "print('main returned', main(['--help']) , flush=True)\n"
+    )
+    finished = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert finished.returncode == 0 and "main returned 0" in finished.stdout, finished.stderr[-2000:]
+
+
 EXIT_WINDOW = """
 import os, sys, time, torch
 import torch.distributed as dist
