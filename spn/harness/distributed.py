@@ -7,6 +7,14 @@ and full batches only, so N processes with batch ``B / N`` each take the same st
 process with batch ``B`` (DDP averages the gradients). Evaluation shards without padding
 (:func:`shard`) and merges the metrics with ``Metric.sync``, so no sample counts twice. Only
 rank 0 writes files.
+
+A process that started a process group ends with :func:`end_process` (the ``spn`` script and
+``python -m spn`` do): with torch 2.13, gloo's worker threads outlive ``destroy_process_group``
+once a ``DistributedDataParallel`` wrapper was built, and a worker that drops the last
+reference to a finished collective's tensor while the interpreter shuts down cannot take the
+GIL and aborts the whole process (``terminate called without an active exception``: about 1
+two-process run in 100 on a loaded machine, after every file was written; torchrun then
+reports the run as failed).
 """
 
 from __future__ import annotations
