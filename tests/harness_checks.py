@@ -5,6 +5,9 @@ resumed to 2 that ends with the same weights."""
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,6 +16,13 @@ from spn.__main__ import main as spn_main
 from spn.harness.checkpoint import load_checkpoint
 
 SCORES = ("top1_cls", "max_box_acc_v2", "gt_known_loc", "top1_loc", "pointing_game", "pxap")
+
+
+def torchrun(*arguments: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc-per-node 2 ARGUMENTS` (one thread a process), its output captured."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *arguments]
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=environment)
 
 
 def train_method(data: Path, out: Path, epochs: int, method: str, *options: str) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from harness_checks import torchrun
 from spn.__main__ import main as spn_main
 from spn.harness.checkpoint import load_checkpoint
 
@@ -117,12 +118,7 @@ def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
     single = tmp_path / "single"
     assert spn_main(train_args(digits, single, *extra, epochs=2)) == 0
     double = tmp_path / "double"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "spn", *train_args(digits, double, *extra, epochs=2),
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    finished = torchrun("-m", "spn", *train_args(digits, double, *extra, epochs=2))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert "epoch 2/2" in finished.stdout  # rank 0's output arrives (end_process flushes it)
     one, two = weights(single), weights(double)
@@ -138,12 +134,7 @@ def test_evaluate_under_torchrun_equals_one_process(digits, tmp_path):
     single = tmp_path / "one.json"
     assert spn_main(["evaluate", "--run", str(run), "--split", "test", "--json", str(single)]) == 0
     double = tmp_path / "two.json"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-        "-m", "spn", "evaluate", "--run-dir", str(run), "--split", "test", "--json", str(double),
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    finished = torchrun("-m", "spn", "evaluate", "--run-dir", str(run), "--split", "test", "--json", str(double))
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert '"max_box_acc_v2"' in finished.stdout  # rank 0's headline, flushed by end_process
     one, two = json.loads(single.read_text()), json.loads(double.read_text())
@@ -249,11 +240,7 @@ def test_torchrun_process_ends_before_gloo_threads_can_abort_it(ending, tmp_path
     # end_process ends the process first; the plain ending is the control that shows the window open.
     script = tmp_path / "window.py"
     script.write_text(EXIT_WINDOW)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), ending,
-    ]  # fmt: skip
-    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    finished = torchrun(str(script), ending)
     aborted = "terminate called" in finished.stderr
     if ending == "end_process":
         assert finished.returncode == 0 and not aborted, finished.stderr[-3000:]

@@ -4,15 +4,12 @@ properties, option checks, and a training run through the harness (train, evalua
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-from harness_checks import round_trip, train_method
+from harness_checks import round_trip, torchrun, train_method
 from spn.harness.checkpoint import load_checkpoint
 from spn.methods import MethodError, Step, get_method
 from spn.methods.i2c import (
@@ -392,13 +389,10 @@ def test_two_processes_under_torchrun_equal_one_process(digits, tmp_path):
     single = tmp_path / "single"
     assert train_method(digits, single, 2, "i2c", *options) == 0
     double = tmp_path / "double"
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "spn",
-        "train", "--dataset", "digits", "--data", str(digits), "--model", "small_cam", "--method", "i2c",
+    finished = torchrun(
+        "-m", "spn", "train", "--dataset", "digits", "--data", str(digits), "--model", "small_cam", "--method", "i2c",
         "--epochs", "2", "--batch-size", "8", "--lr", "0.05", "--widths", "8", "16", "--out", str(double), *options,
-    ]  # fmt: skip
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=180,
-                              env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    )  # fmt: skip
     assert finished.returncode == 0, finished.stderr[-3000:]
     one, two = load_checkpoint(single / "checkpoint.pt")["model"], load_checkpoint(double / "checkpoint.pt")["model"]
     assert one["head.counts"].sum() > 0
