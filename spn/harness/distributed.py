@@ -60,6 +60,7 @@ def setup(device: str | None = None) -> Context:
         device: ``"cpu"``, ``"cuda"`` or None (CUDA when available). Under torchrun each
             process takes GPU ``LOCAL_RANK``.
     """
+    global _started
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +71,6 @@ def setup(device: str | None = None) -> Context:
     if use_cuda:
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():
-        global _started
         dist.init_process_group("nccl" if use_cuda else "gloo", rank=rank, world_size=world_size)
         _started = True
     return Context(rank=rank, world_size=world_size, device=target)
