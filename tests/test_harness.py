@@ -205,13 +205,20 @@ def test_main_called_from_python_returns_under_a_process_group():
     assert finished.returncode == 0 and "main returned 0" in finished.stdout, finished.stderr[-2000:]
 
 
+NO_PRIORITY = "cannot raise the main thread to normal priority"
 EXIT_WINDOW = """
 import os, sys, time, torch
 import torch.distributed as dist
 from spn.harness import distributed
 context = distributed.setup("cpu")
 torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(2, 2))  # torch keeps the group's threads from here on
-# gloo's worker threads run only when the main thread blocks (one CPU; they at idle priority)
+# gloo's worker threads run only when the main thread blocks: one CPU, they at idle priority, it at the
+# normal one whatever the caller's (a niced or idle caller, as a CI runner may be, lets them run early)
+try:
+    os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
+    os.setpriority(os.PRIO_PROCESS, 0, 0)
+except PermissionError as error:
+    sys.exit(f"{NO_PRIORITY}: {error}")
 for thread in map(int, os.listdir("/proc/self/task")):
     os.sched_setaffinity(thread, {0})
     if thread != os.getpid():
@@ -236,18 +243,24 @@ sys.exit(distributed.end_process(0) if sys.argv[1] == "end_process" else 0)
 @pytest.mark.parametrize("ending", ["end_process", "interpreter shutdown"])
 def test_torchrun_process_ends_before_gloo_threads_can_abort_it(ending, tmp_path):
     # The race that aborted about 1 two-process run in 100 (see spn.harness.distributed), made
-    # certain: a gloo worker drops a collective's tensor while the interpreter shuts down.
-    # end_process ends the process first; the plain ending is the control that shows the window open.
+    # near certain: a gloo worker drops a collective's tensor while the interpreter shuts down.
+    # end_process ends the process first; the plain ending is the control that shows the window open
+    # (it aborted in 33 of 34 runs here, called at normal, nice 19 or idle priority; 3 tries absorb a miss).
     script = tmp_path / "window.py"
-    script.write_text(EXIT_WINDOW)
-    finished = torchrun(str(script), ending)
-    aborted = "terminate called" in finished.stderr
-    if ending == "end_process":
-        assert finished.returncode == 0 and not aborted, finished.stderr[-3000:]
-    else:
-        assert finished.returncode != 0 and aborted, (
-            "the control no longer aborts: this torch may have fixed the race, and end_process may be unneeded"
-        )
+    script.write_text(EXIT_WINDOW.replace("NO_PRIORITY", repr(NO_PRIORITY)))
+    for _ in range(1 if ending == "end_process" else 3):
+        finished = torchrun(str(script), ending)
+        if NO_PRIORITY in finished.stderr:
+            reason = finished.stderr.rsplit(f"{NO_PRIORITY}: ", 1)[1].splitlines()[0]
+            pytest.skip(f"the window needs the main thread at normal priority, which this user may not set ({reason})")
+        aborted = "terminate called" in finished.stderr
+        if ending == "end_process":
+            assert finished.returncode == 0 and not aborted, finished.stderr[-3000:]
+        elif finished.returncode != 0 and aborted:
+            return
+    if ending != "end_process":
+        pytest.fail("the control no longer aborts in 3 tries: this torch may have fixed the race "
+                    f"(end_process may be unneeded), or the window did not open here. Last: {finished}")  # fmt: skip
 
 
 def test_existing_run_is_not_overwritten(digits, tmp_path, capsys):
